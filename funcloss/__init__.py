@@ -1,0 +1,77 @@
+"""funcloss: pure-functional, typed losses for PyTorch that compose with torch.func.
+
+Every torch.nn loss as a stateless function with torch.nn.functional's name, arguments and
+semantics, written from tensor primitives so that ``grad``, ``vmap``, ``jvp``, ``jacrev``,
+``hessian`` and ``torch.compile`` all work; combinators to reduce, weight, mask, scale and sum
+losses.
+"""
+
+from __future__ import annotations
+
+from ._combinators import LossSum as LossSum
+from ._combinators import Masked as Masked
+from ._combinators import Reduced as Reduced
+from ._combinators import Scaled as Scaled
+from ._combinators import Weighted as Weighted
+from ._combinators import batchmean as batchmean
+from ._combinators import loss_sum as loss_sum
+from ._combinators import masked as masked
+from ._combinators import normalized_sum as normalized_sum
+from ._combinators import reduce as reduce
+from ._combinators import reduced as reduced
+from ._combinators import scaled as scaled
+from ._combinators import weighted as weighted
+from ._combinators import weighted_mean as weighted_mean
+from ._typing import DistanceFunction as DistanceFunction
+from ._typing import KLDivReduction as KLDivReduction
+from ._typing import Loss as Loss
+from ._typing import Reduction as Reduction
+from ._typing import WeightBy as WeightBy
+from .losses._margin import hinge_embedding_loss as hinge_embedding_loss
+from .losses._margin import margin_ranking_loss as margin_ranking_loss
+from .losses._margin import soft_margin_loss as soft_margin_loss
+from .losses._probabilistic import binary_cross_entropy as binary_cross_entropy
+from .losses._probabilistic import binary_cross_entropy_with_logits as binary_cross_entropy_with_logits
+from .losses._probabilistic import kl_div as kl_div
+from .losses._regression import gaussian_nll_loss as gaussian_nll_loss
+from .losses._regression import huber_loss as huber_loss
+from .losses._regression import l1_loss as l1_loss
+from .losses._regression import mse_loss as mse_loss
+from .losses._regression import poisson_nll_loss as poisson_nll_loss
+from .losses._regression import smooth_l1_loss as smooth_l1_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistanceFunction",
+    "KLDivReduction",
+    "Loss",
+    "LossSum",
+    "Masked",
+    "Reduced",
+    "Reduction",
+    "Scaled",
+    "WeightBy",
+    "Weighted",
+    "batchmean",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "gaussian_nll_loss",
+    "hinge_embedding_loss",
+    "huber_loss",
+    "kl_div",
+    "l1_loss",
+    "loss_sum",
+    "margin_ranking_loss",
+    "masked",
+    "mse_loss",
+    "normalized_sum",
+    "poisson_nll_loss",
+    "reduce",
+    "reduced",
+    "scaled",
+    "smooth_l1_loss",
+    "soft_margin_loss",
+    "weighted",
+    "weighted_mean",
+]

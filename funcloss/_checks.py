@@ -1,0 +1,74 @@
+"""Validation shared by every loss.
+
+Checks of shapes, dtypes and options always run. Checks that read tensor values (a negative
+variance, a probability outside [0, 1], a class index out of range) run only in eager mode: under
+``vmap``, ``grad``, ``jvp`` or ``torch.compile`` they step aside, because reading a value there
+either fails (vmap) or breaks the graph (compile).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def is_eager() -> bool:
+    """True when no torch.func transform is active and torch.compile is not tracing."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def check_reduction(fn: str, reduction: str, allowed: Sequence[str] = ("none", "mean", "sum")) -> None:
+    """Raise the ``ValueError`` torch raises for an unknown reduction."""
+    if reduction not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(
+            f"{fn}(...): expected reduction to be one of {choices}, got {reduction!r}. "
+            f"{reduction} is not a valid value for reduction."
+        )
+
+
+def warn_if_broadcast(fn: str, input: Tensor, target: Tensor) -> None:
+    """torch warns (and then broadcasts) when a regression target's size differs from the input's."""
+    if input.shape != target.shape and not torch.compiler.is_compiling():
+        warnings.warn(
+            f"{fn}(...): using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_same_shape(fn: str, input: Tensor, target: Tensor, *, exc: type[Exception] = ValueError) -> None:
+    if input.shape != target.shape:
+        raise exc(
+            f"{fn}(...): expected target of the input's shape {tuple(input.shape)}, got "
+            f"{tuple(target.shape)}. Reshape the target, or use reduction='none' and broadcast "
+            "explicitly."
+        )
+
+
+def check_floating(fn: str, name: str, t: Tensor) -> None:
+    if not (t.is_floating_point() or t.is_complex()):
+        raise RuntimeError(
+            f"{fn}(...): expected {name} to be a floating-point tensor, got dtype {t.dtype}. "
+            f"Convert it with {name}.float()."
+        )
+
+
+def check_values(ok: Tensor | bool, exc: type[Exception], message: str) -> None:
+    """Raise ``exc(message)`` if ``ok`` is false; a no-op under transforms and compile.
+
+    ``ok`` is a boolean tensor (all elements must hold) or a Python bool.
+    """
+    if isinstance(ok, bool):
+        if not ok:
+            raise exc(message)
+        return
+    if is_eager() and not bool(ok.all()):
+        raise exc(message)

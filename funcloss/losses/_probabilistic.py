@@ -1,0 +1,154 @@
+"""Losses on probabilities and log-probabilities: binary cross-entropy (on probabilities and on
+logits) and the Kullback-Leibler divergence."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import check_reduction, check_same_shape, check_values
+from .._combinators import batchmean, reduce
+from .._typing import KLDivReduction, Reduction
+
+# torch clamps each log term of BCE at -100 and its gradient's denominator p(1 - p) at 1e-12.
+_LOG_FLOOR = -100.0
+_GRAD_FLOOR = 1e-12
+
+
+def _bce_log(p: Tensor) -> Tensor:
+    """``max(log p, -100)`` whose derivative is capped at ``1 / 1e-12`` near ``p = 0``.
+
+    A plain clamp would give a zero (or NaN) gradient at ``p = 0``; torch's backward instead
+    pushes with ``1 / 1e-12``. Below ``1e-12`` the value is taken without gradient and a linear
+    term of slope ``1e-12 ** -1`` (zero-valued) carries it.
+    """
+    tiny = p < _GRAD_FLOOR
+    interior = torch.log(torch.where(tiny, torch.ones_like(p), p))
+    p0 = p.detach()
+    edge = torch.log(p0).clamp_min(_LOG_FLOOR) + (p - p0) / _GRAD_FLOOR
+    return torch.where(tiny, edge, interior)
+
+
+def binary_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Binary cross-entropy between probabilities and targets in [0, 1].
+
+    .. math::
+        \\ell_i = -w_i \\left[ y_i \\max(\\log x_i, -100) + (1 - y_i) \\max(\\log(1 - x_i), -100) \\right]
+
+    The clamp at -100 makes ``x = 0`` against ``y = 1`` cost exactly 100, as in torch.
+
+    Args:
+        input: probabilities, any shape, values in [0, 1] (checked in eager mode).
+        target: same shape and dtype as ``input``.
+        weight: broadcastable to ``input``, multiplies each element.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    See also: ``torch.nn.functional.binary_cross_entropy``; `binary_cross_entropy_with_logits`
+    is the numerically stable choice when you have logits.
+    """
+    check_reduction("binary_cross_entropy", reduction)
+    check_same_shape("binary_cross_entropy", input, target)
+    if input.dtype != target.dtype:
+        raise RuntimeError(
+            f"binary_cross_entropy(...): expected target of the input's dtype {input.dtype}, got "
+            f"{target.dtype}. Convert it with target.to(input.dtype)."
+        )
+    check_values(
+        (input >= 0) & (input <= 1),
+        RuntimeError,
+        "binary_cross_entropy(...): expected all elements of input to be between 0 and 1, got "
+        "values outside. Apply sigmoid, or use binary_cross_entropy_with_logits on logits.",
+    )
+    values = -(target * _bce_log(input) + (1 - target) * _bce_log(1 - input))
+    if weight is not None:
+        values = values * weight
+    return reduce(values, reduction)
+
+
+def binary_cross_entropy_with_logits(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    reduction: Reduction = "mean",
+    pos_weight: Tensor | None = None,
+) -> Tensor:
+    """Binary cross-entropy on logits, computed stably through ``log sigmoid``.
+
+    .. math::
+        \\ell_i = -w_i \\left[ p_c\\, y_i \\log \\sigma(x_i) + (1 - y_i) \\log(1 - \\sigma(x_i)) \\right]
+
+    Args:
+        input: logits, any shape.
+        target: same shape as ``input``, values in [0, 1].
+        weight: broadcastable to ``input``, multiplies each element.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        pos_weight: weight of the positive term, broadcast against the target (typically one
+            per class in the last dim).
+
+    See also: ``torch.nn.functional.binary_cross_entropy_with_logits``.
+    """
+    check_reduction("binary_cross_entropy_with_logits", reduction)
+    check_same_shape("binary_cross_entropy_with_logits", input, target)
+    log_sig = F.logsigmoid(input)
+    if pos_weight is None:
+        values = (1 - target) * input - log_sig
+    else:
+        values = (1 - target) * input - ((pos_weight - 1) * target + 1) * log_sig
+    if weight is not None:
+        values = values * weight
+    return reduce(values, reduction)
+
+
+def kl_div(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: KLDivReduction = "mean",
+    log_target: bool = False,
+) -> Tensor:
+    """Kullback-Leibler divergence ``KL(target || exp(input))``, with ``input`` as log-probabilities.
+
+    .. math::
+        \\ell_i = y_i (\\log y_i - x_i) \\quad (0 \\log 0 = 0), \\qquad
+        \\ell_i = e^{y_i} (y_i - x_i) \\;\\; \\text{if log\\_target}
+
+    ``"batchmean"`` divides the sum by the batch size and is the true KL divergence;
+    ``"mean"`` divides by the number of elements and warns, as torch does.
+
+    Args:
+        input: log-probabilities, any shape.
+        target: probabilities (or log-probabilities with ``log_target``), broadcastable.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"`` | ``"batchmean"``.
+        log_target: read ``target`` as log-probabilities.
+
+    References:
+        Kullback, S. and Leibler, R. A. "On Information and Sufficiency", 1951.
+
+    See also: ``torch.nn.functional.kl_div``.
+    """
+    check_reduction("kl_div", reduction, ("none", "mean", "sum", "batchmean"))
+    if reduction == "mean" and not torch.compiler.is_compiling():
+        warnings.warn(
+            "kl_div(...): reduction='mean' divides the total loss by both the batch size and the "
+            "support size. 'batchmean' divides only by the batch size, and aligns with the KL "
+            "divergence's definition.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if log_target:
+        values = torch.exp(target) * (target - input)
+    else:
+        values = torch.xlogy(target, target) - target * input
+    if reduction == "batchmean":
+        return batchmean(values) if input.dim() != 0 else values.sum()
+    return reduce(values, reduction)

@@ -1,0 +1,286 @@
+"""Regression losses: l1, mse, huber, smooth_l1, poisson_nll and gaussian_nll."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._checks import check_reduction, check_values, warn_if_broadcast
+from .._combinators import reduce, weighted_reduce
+from .._typing import Reduction
+
+
+def _elementwise_weight(fn: str, weight: Tensor | None, input: Tensor) -> None:
+    if weight is not None and weight.shape != input.shape:
+        raise ValueError(
+            f"{fn}(...): expected weight of the input's shape {tuple(input.shape)}, got "
+            f"{tuple(weight.shape)}. Weights are per element; expand them to the input's shape."
+        )
+
+
+def l1_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: Reduction = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Mean absolute error.
+
+    .. math::
+        \\ell_i = w_i \\, |x_i - y_i|
+
+    ``"mean"`` is ``sum(l) / sum(w)`` when a weight is given, the plain mean otherwise; ``"sum"``
+    sums.
+
+    Args:
+        input: any shape.
+        target: broadcastable to ``input`` (a different shape warns, as in torch, then
+            broadcasts).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        weight: per-element weight of ``input``'s shape.
+
+    Returns:
+        A scalar, or the broadcast shape for ``"none"``.
+
+    See also: ``torch.nn.functional.l1_loss``.
+    """
+    warn_if_broadcast("l1_loss", input, target)
+    check_reduction("l1_loss", reduction)
+    _elementwise_weight("l1_loss", weight, input)
+    x, y = torch.broadcast_tensors(input, target)
+    return weighted_reduce((x - y).abs(), weight, reduction)
+
+
+def mse_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: Reduction = "mean",
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Mean squared error.
+
+    .. math::
+        \\ell_i = w_i \\, (x_i - y_i)^2
+
+    ``"mean"`` is ``sum(l) / sum(w)`` when a weight is given, the plain mean otherwise.
+
+    Args:
+        input: any shape.
+        target: broadcastable to ``input`` (a different shape warns, then broadcasts).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        weight: per-element weight of ``input``'s shape.
+
+    See also: ``torch.nn.functional.mse_loss``.
+    """
+    warn_if_broadcast("mse_loss", input, target)
+    check_reduction("mse_loss", reduction)
+    _elementwise_weight("mse_loss", weight, input)
+    x, y = torch.broadcast_tensors(input, target)
+    d = x - y
+    return weighted_reduce(d * d, weight, reduction)
+
+
+def _huber_values(d: Tensor, delta: float) -> Tensor:
+    ad = d.abs()
+    return torch.where(ad < delta, 0.5 * d * d, delta * (ad - 0.5 * delta))
+
+
+def huber_loss(
+    input: Tensor,
+    target: Tensor,
+    reduction: Reduction = "mean",
+    delta: float = 1.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Huber loss: quadratic near zero, linear beyond ``delta``.
+
+    .. math::
+        \\ell_i = w_i \\begin{cases} \\tfrac12 (x_i - y_i)^2 & |x_i - y_i| < \\delta \\\\
+                  \\delta (|x_i - y_i| - \\tfrac12 \\delta) & \\text{otherwise} \\end{cases}
+
+    ``"mean"`` is the plain mean of the weighted values (torch divides by the element count
+    here, not by ``sum(w)`` as l1 and mse do).
+
+    Args:
+        input: any shape.
+        target: broadcastable to ``input``.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        delta: the threshold, > 0.
+        weight: per-element weight of ``input``'s shape.
+
+    References:
+        Huber, P. J. "Robust Estimation of a Location Parameter", Annals of Mathematical
+        Statistics, 1964.
+
+    See also: ``torch.nn.functional.huber_loss``.
+    """
+    warn_if_broadcast("huber_loss", input, target)
+    check_reduction("huber_loss", reduction)
+    if not delta > 0:
+        raise RuntimeError(
+            f"huber_loss(...): expected delta > 0, got {delta}. huber_loss does not support "
+            "non-positive values for delta."
+        )
+    _elementwise_weight("huber_loss", weight, input)
+    x, y = torch.broadcast_tensors(input, target)
+    values = _huber_values(x - y, delta)
+    if weight is not None:
+        values = values * weight
+    return reduce(values, reduction)
+
+
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: Reduction = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    """Smooth L1 loss: Huber loss divided by ``beta``; ``beta = 0`` is exactly L1.
+
+    .. math::
+        \\ell_i = \\begin{cases} \\tfrac{0.5 (x_i - y_i)^2}{\\beta} & |x_i - y_i| < \\beta \\\\
+                  |x_i - y_i| - \\tfrac12 \\beta & \\text{otherwise} \\end{cases}
+
+    Args:
+        input: any shape.
+        target: broadcastable to ``input``.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        beta: the threshold, >= 0.
+
+    References:
+        Girshick, R. "Fast R-CNN", ICCV 2015.
+
+    See also: ``torch.nn.functional.smooth_l1_loss``.
+    """
+    warn_if_broadcast("smooth_l1_loss", input, target)
+    check_reduction("smooth_l1_loss", reduction)
+    if beta < 0:
+        raise RuntimeError(
+            f"smooth_l1_loss(...): expected beta >= 0, got {beta}. smooth_l1_loss does not support "
+            "negative values for beta."
+        )
+    x, y = torch.broadcast_tensors(input, target)
+    d = x - y
+    if beta == 0.0:
+        return reduce(d.abs(), reduction)
+    ad = d.abs()
+    return reduce(torch.where(ad < beta, 0.5 * d * d / beta, ad - 0.5 * beta), reduction)
+
+
+def poisson_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    log_input: bool = True,
+    full: bool = False,
+    *,
+    eps: float = 1e-8,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Negative log-likelihood of a Poisson target.
+
+    .. math::
+        \\ell_i = \\begin{cases} e^{x_i} - y_i x_i & \\text{log\\_input} \\\\
+                  x_i - y_i \\log(x_i + \\varepsilon) & \\text{otherwise} \\end{cases}
+                  \\; + \\; [\\text{full}, y_i > 1]\\,(y_i \\log y_i - y_i + \\tfrac12 \\log(2\\pi y_i))
+
+    The last term is Stirling's approximation of ``log(y!)``, added only where ``y > 1``.
+
+    Args:
+        input: the rate's log (``log_input=True``) or the rate itself.
+        target: counts, broadcastable to ``input``.
+        log_input: whether ``input`` is a log-rate.
+        full: add the Stirling term.
+        eps: keeps ``log`` finite at rate 0 when ``log_input=False``.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    See also: ``torch.nn.functional.poisson_nll_loss``.
+    """
+    check_reduction("poisson_nll_loss", reduction)
+    if log_input:
+        values = torch.exp(input) - target * input
+    else:
+        values = input - target * torch.log(input + eps)
+    if full:
+        # Evaluated at 1 where masked, so the unused branch has a finite gradient.
+        big = target > 1
+        y = torch.where(big, target, torch.ones_like(target))
+        stirling = y * torch.log(y) - y + 0.5 * torch.log(2 * math.pi * y)
+        values = values + torch.where(big, stirling, torch.zeros_like(stirling))
+    return reduce(values, reduction)
+
+
+def _gaussian_var(input: Tensor, var: Tensor | float) -> Tensor:
+    if isinstance(var, (int, float)):
+        if var < 0:
+            raise ValueError(
+                f"gaussian_nll_loss(...): expected var >= 0, got {var}. var has negative entry/entries."
+            )
+        return var * torch.ones_like(input)
+    if not isinstance(var, Tensor):
+        raise TypeError(f"gaussian_nll_loss(...): expected var to be a Tensor or float, got {type(var).__name__}.")
+    check_values(
+        var >= 0,
+        ValueError,
+        "gaussian_nll_loss(...): expected every var >= 0, got a negative entry. "
+        "var has negative entry/entries. Pass a variance (e.g. softplus of a raw output).",
+    )
+    if var.shape == input.shape:
+        return var
+    if var.shape == input.shape[:-1]:
+        return var.unsqueeze(-1)
+    if input.dim() == var.dim() and sum(v for i, v in zip(input.shape, var.shape) if i != v) == 1:
+        return var
+    raise ValueError(
+        f"gaussian_nll_loss(...): expected var of shape {tuple(input.shape)}, "
+        f"{tuple(input.shape[:-1])}, or with one dimension of size 1, got {tuple(var.shape)}. "
+        "var is of incorrect size."
+    )
+
+
+def gaussian_nll_loss(
+    input: Tensor,
+    target: Tensor,
+    var: Tensor | float,
+    full: bool = False,
+    eps: float = 1e-6,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Negative log-likelihood of a Gaussian target with predicted mean and variance.
+
+    .. math::
+        \\ell_i = \\tfrac12 \\left(\\log \\max(\\sigma^2_i, \\varepsilon)
+                  + \\frac{(x_i - y_i)^2}{\\max(\\sigma^2_i, \\varepsilon)}\\right)
+                  + [\\text{full}] \\tfrac12 \\log 2\\pi
+
+    The clamp at ``eps`` is invisible to autograd, as in torch: the gradient with respect to
+    ``var`` is taken at the clamped value and passed through as if unclamped.
+
+    Args:
+        input: predicted mean, any shape.
+        target: same shape as ``input`` (or broadcastable).
+        var: predicted variance: a float, ``input``'s shape, ``input``'s shape without its last
+            dim, or ``input``'s shape with one dim of size 1. Must be non-negative (checked in
+            eager mode; unchecked under transforms, so the loss vmaps).
+        full: add the constant ``0.5 log(2 pi)``.
+        eps: lower clamp of ``var``.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    References:
+        Nix, D. A. and Weigend, A. S. "Estimating the mean and variance of the target
+        probability distribution", ICNN 1994.
+
+    See also: ``torch.nn.functional.gaussian_nll_loss``.
+    """
+    check_reduction("gaussian_nll_loss", reduction)
+    v = _gaussian_var(input, var)
+    v = v.clamp(min=eps).detach() + (v - v.detach())
+    d = input - target
+    values = 0.5 * (torch.log(v) + d * d / v)
+    if full:
+        values = values + 0.5 * math.log(2 * math.pi)
+    return reduce(values, reduction)
