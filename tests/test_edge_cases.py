@@ -1,0 +1,231 @@
+"""The edge-case catalogue: named tests for the places where a straightforward implementation
+and torch disagree, plus bad input (same exception class as torch, a message that helps)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.func as tf
+import torch.nn.functional as F
+
+import funcloss as fl
+from funcloss._bench.cases import Sampler
+
+from .harness import quiet_call
+from .registry import ROWS, rows, Row
+
+T = torch.tensor
+
+
+# ---------------------------------------------------------------- empty batches and reductions
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("mse_loss", lambda: (torch.randn(0, 3), torch.randn(0, 3))),
+        ("l1_loss", lambda: (torch.randn(0), torch.randn(0))),
+        ("binary_cross_entropy", lambda: (torch.rand(0, 2), torch.rand(0, 2))),
+        ("binary_cross_entropy_with_logits", lambda: (torch.randn(0), torch.rand(0))),
+        ("huber_loss", lambda: (torch.randn(0, 3), torch.randn(0, 3))),
+        ("poisson_nll_loss", lambda: (torch.randn(0), torch.rand(0))),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(name: str, make: Callable[[], tuple[torch.Tensor, ...]], reduction: str) -> None:
+    args = make()
+    ours = getattr(fl, name)(*args, reduction=reduction)
+    theirs = getattr(F, name)(*args, reduction=reduction)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    if reduction == "mean":
+        assert torch.isnan(ours)
+    if reduction == "sum":
+        assert ours.item() == 0
+
+
+def test_kl_div_batchmean_of_empty_batch_is_nan_like_torch() -> None:
+    x, y = torch.randn(0, 3), torch.rand(0, 3)
+    torch.testing.assert_close(fl.kl_div(x, y, reduction="batchmean"), F.kl_div(x, y, reduction="batchmean"), equal_nan=True)
+
+
+def test_l1_weighted_mean_divides_by_weight_sum_but_huber_by_count() -> None:
+    x, y, w = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 3) + 0.5
+    expected_l1 = ((x - y).abs() * w).sum() / w.sum()
+    torch.testing.assert_close(fl.l1_loss(x, y, weight=w), expected_l1)
+    torch.testing.assert_close(fl.l1_loss(x, y, weight=w), F.l1_loss(x, y, weight=w))
+    torch.testing.assert_close(fl.huber_loss(x, y, weight=w), F.huber_loss(x, y, weight=w))
+    torch.testing.assert_close(fl.huber_loss(x, y, weight=w), (fl.huber_loss(x, y, reduction="none") * w).mean())
+
+
+def test_smooth_l1_is_huber_over_beta_and_l1_at_beta_zero() -> None:
+    x, y = torch.randn(50) * 3, torch.randn(50)
+    torch.testing.assert_close(fl.smooth_l1_loss(x, y, beta=0.7), fl.huber_loss(x, y, delta=0.7) / 0.7)
+    torch.testing.assert_close(fl.smooth_l1_loss(x, y, beta=0.0), fl.l1_loss(x, y))
+
+
+# ---------------------------------------------------------------- extreme inputs
+
+
+def test_bce_at_zero_and_one_costs_exactly_100() -> None:
+    x = T([0.0, 1.0, 0.0, 1.0])
+    y = T([1.0, 0.0, 0.0, 1.0])
+    ours = fl.binary_cross_entropy(x, y, reduction="none")
+    assert ours.tolist() == [100.0, 100.0, 0.0, 0.0]
+    torch.testing.assert_close(ours, F.binary_cross_entropy(x, y, reduction="none"))
+
+
+def test_bce_gradient_at_the_ends_pushes_like_torch() -> None:
+    """torch caps the gradient's denominator p(1-p) at 1e-12 instead of returning 0 or NaN."""
+    x = T([0.0, 1.0, 1e-14, 0.5], dtype=torch.float64)
+    y = T([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(x)
+    xt = x.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bce_with_logits_at_plus_minus_1e3(dtype: torch.dtype) -> None:
+    x = T([-1e3, 1e3, -1e3, 1e3], dtype=dtype, requires_grad=True)
+    y = T([1.0, 0.0, 0.0, 1.0], dtype=dtype)
+    ours = fl.binary_cross_entropy_with_logits(x, y, reduction="none")
+    theirs = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    torch.testing.assert_close(ours, theirs)
+    assert ours.tolist() == [1000.0, 1000.0, 0.0, 0.0]
+    (g_ours,) = torch.autograd.grad(ours.sum(), x)
+    (g_theirs,) = torch.autograd.grad(theirs.sum(), x)
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_soft_margin_stays_finite_where_torch_overflows() -> None:
+    """A documented difference: torch computes log1p(exp(-xy)) and returns inf past ~88."""
+    x = T([-1e3, 1e3, 20.0])
+    y = T([1.0, -1.0, 1.0])
+    ours = fl.soft_margin_loss(x, y, reduction="none")
+    theirs = F.soft_margin_loss(x, y, reduction="none")
+    assert torch.isinf(theirs[:2]).all()
+    torch.testing.assert_close(ours, T([1000.0, 1000.0, math.log1p(math.exp(-20.0))]))
+
+
+def test_poisson_full_target_gradient_is_finite_where_torch_is_nan() -> None:
+    """A documented difference: torch's Stirling mask leaks NaN into d/dy at y = 0."""
+    x = torch.randn(4, dtype=torch.float64)
+    y = T([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    ours = tf.grad(lambda t: fl.poisson_nll_loss(x, t, full=True, reduction="sum"))(y)
+    yt = y.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.poisson_nll_loss(x, yt, full=True, reduction="sum"), yt)
+    assert torch.isnan(theirs[0]) and torch.isfinite(ours).all()
+    torch.testing.assert_close(ours[1:], theirs[1:])
+    torch.testing.assert_close(ours[0], -x[0])
+
+
+def test_gaussian_var_clamp_passes_gradient_as_if_unclamped() -> None:
+    x, y = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    var = T([1e-9, 0.5, 2.0], dtype=torch.float64)
+    ours = tf.grad(lambda v: fl.gaussian_nll_loss(x, y, v, reduction="sum"))(var)
+    vt = var.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.gaussian_nll_loss(x, y, vt, reduction="sum"), vt)
+    torch.testing.assert_close(ours, theirs)
+    assert ours[0] != 0  # a real clamp would have killed it
+
+
+def test_gaussian_negative_var_is_unchecked_under_vmap() -> None:
+    """The value check steps aside under transforms instead of breaking vmap (torch's does)."""
+    x, y, var = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 3)
+    out = tf.vmap(fl.gaussian_nll_loss)(x, y, var)
+    assert out.shape == (4,)
+    with pytest.raises(ValueError, match="var has negative"):
+        fl.gaussian_nll_loss(x, y, -var)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_nan_propagates_like_torch(row: Row) -> None:
+    ex = row.case.make(Sampler(11), {**row.case.defaults(), "reduction": "none"})
+    x = ex.args[0].clone()
+    x.view(-1)[0] = float("nan")
+    args = (x, *ex.args[1:])
+    try:
+        theirs = quiet_call(row.case.theirs, *args, **ex.kwargs)
+    except RuntimeError:
+        # torch rejects NaN here (binary_cross_entropy's range check): so do we.
+        with pytest.raises(RuntimeError):
+            quiet_call(row.case.ours, *args, **ex.kwargs)
+        return
+    ours = quiet_call(row.case.ours, *args, **ex.kwargs)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    assert torch.isnan(ours).any()
+
+
+# ---------------------------------------------------------------- warnings
+
+
+@pytest.mark.parametrize("name", ["l1_loss", "mse_loss", "huber_loss", "smooth_l1_loss"])
+def test_size_mismatch_warns_then_broadcasts_like_torch(name: str) -> None:
+    x, y = torch.randn(4, 1), torch.randn(4)
+    with pytest.warns(UserWarning, match="different to the input size"):
+        ours = getattr(fl, name)(x, y, reduction="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = getattr(F, name)(x, y, reduction="none")
+    assert ours.shape == theirs.shape == (4, 4)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_kl_div_mean_warns() -> None:
+    with pytest.warns(UserWarning, match="'batchmean' divides only by the batch size"):
+        fl.kl_div(torch.randn(2, 3), torch.rand(2, 3))
+
+
+# ---------------------------------------------------------------- bad input
+
+BadCase = tuple[str, Callable[[], tuple[tuple[Any, ...], dict[str, Any]]], str]
+
+BAD_INPUTS: list[BadCase] = [
+    ("binary_cross_entropy", lambda: ((T([1.5, 0.2]), T([1.0, 0.0])), {}), "between 0 and 1"),
+    ("binary_cross_entropy", lambda: ((T([-0.1]), T([1.0])), {}), "between 0 and 1"),
+    ("binary_cross_entropy", lambda: ((torch.rand(3), torch.rand(4)), {}), "target of the input's shape"),
+    ("binary_cross_entropy", lambda: ((torch.rand(3), torch.rand(3, dtype=torch.float64)), {}), "dtype"),
+    ("binary_cross_entropy_with_logits", lambda: ((torch.rand(3), torch.rand(3, 1)), {}), "target of the input's shape"),
+    ("huber_loss", lambda: ((torch.rand(3), torch.rand(3)), {"delta": 0.0}), "delta > 0"),
+    ("huber_loss", lambda: ((torch.rand(3), torch.rand(3)), {"delta": -1.0}), "delta > 0"),
+    ("smooth_l1_loss", lambda: ((torch.rand(3), torch.rand(3)), {"beta": -0.5}), "beta >= 0"),
+    ("gaussian_nll_loss", lambda: ((torch.rand(3), torch.rand(3), T([1.0, -1.0, 1.0])), {}), "negative"),
+    ("gaussian_nll_loss", lambda: ((torch.rand(3), torch.rand(3), -1.0), {}), "negative"),
+    ("gaussian_nll_loss", lambda: ((torch.rand(3, 4), torch.rand(3, 4), torch.rand(2, 4)), {}), "incorrect size"),
+    ("l1_loss", lambda: ((torch.rand(3), torch.rand(3)), {"weight": torch.rand(4)}), "weight of the input's shape"),
+    ("mse_loss", lambda: ((torch.rand(3), torch.rand(3)), {"weight": torch.rand(1)}), "weight of the input's shape"),
+    ("mse_loss", lambda: ((torch.rand(3), torch.rand(4)), {}), "size of tensor"),
+    ("margin_ranking_loss", lambda: ((torch.rand(3), torch.rand(3), torch.rand(1, 3)), {}), "same number of dimensions"),
+    ("soft_margin_loss", lambda: ((torch.rand(3, 1), torch.rand(3)), {}), "broadcastable to the input's shape"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "match"), BAD_INPUTS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_INPUTS)])
+def test_bad_input_raises_like_torch(name: str, make: Callable[[], tuple[tuple[Any, ...], dict[str, Any]]], match: str) -> None:
+    args, kwargs = make()
+    with pytest.raises(Exception) as theirs, warnings.catch_warnings():  # noqa: PT011
+        warnings.simplefilter("ignore")
+        getattr(F, name)(*args, **kwargs)
+    with pytest.raises(theirs.type, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        getattr(fl, name)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_invalid_reduction_raises_value_error_like_torch(row: Row) -> None:
+    ex = row.case.make(Sampler(0), row.case.defaults())
+    kwargs = {**ex.kwargs, "reduction": "average"}
+    with pytest.raises(ValueError, match="not a?\\s?valid"):
+        row.case.theirs(*ex.args, **kwargs)
+    with pytest.raises(ValueError, match=r"expected reduction to be one of .*got 'average'"):
+        row.case.ours(*ex.args, **kwargs)
+
+
+def test_every_registry_row_is_exported() -> None:
+    assert set(ROWS) <= set(fl.__all__)
