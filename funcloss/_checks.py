@@ -15,6 +15,12 @@ import torch
 from torch import Tensor
 
 
+def broadcast_shape(*shapes: torch.Size) -> torch.Size:
+    """``torch.broadcast_shapes``, typed."""
+    shape: torch.Size = torch.broadcast_shapes(*shapes)  # type: ignore[no-untyped-call]
+    return shape
+
+
 def is_eager() -> bool:
     """True when no torch.func transform is active and torch.compile is not tracing."""
     if torch.compiler.is_compiling():

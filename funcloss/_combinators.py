@@ -162,9 +162,7 @@ def _expand_weight(fn: str, weight: Tensor, by: WeightBy, values: Tensor, target
         return weight.reshape(weight.shape + (1,) * (values.dim() - 1))
     if by == "class":
         if weight.dim() != 1:
-            raise ValueError(
-                f"{fn}(...): expected a 1-D per-class weight of shape (C,), got {tuple(weight.shape)}."
-            )
+            raise ValueError(f"{fn}(...): expected a 1-D per-class weight of shape (C,), got {tuple(weight.shape)}.")
         if target.is_floating_point():
             target = target.long()
         return weight[target]
@@ -226,8 +224,14 @@ class Masked(Generic[P]):
     mask: Tensor
     reduction: Reduction = "none"
 
+    def _blank(self, a: object) -> object:
+        if isinstance(a, Tensor) and a.is_floating_point() and a.shape == self.mask.shape:
+            return torch.where(self.mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        return a
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Tensor:
-        values = self.loss(*args, **kwargs)
+        blanked = [self._blank(a) for a in args]
+        values = self.loss(*blanked, **kwargs)  # type: ignore[arg-type]
         keep = self.mask.expand_as(values) if self.mask.shape != values.shape else self.mask
         kept = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
         if self.reduction == "mean":
@@ -238,9 +242,11 @@ class Masked(Generic[P]):
 def masked(loss: Callable[P, Tensor], mask: Tensor, *, reduction: Reduction = "none") -> Masked[P]:
     """Keep the loss values where ``mask`` is true and zero the others.
 
-    Masked-out values are replaced (not multiplied by 0), so a NaN or inf there does not reach
-    the result or its gradient. ``reduction="mean"`` averages over the kept elements only (NaN
-    if none are kept, like torch's mean of nothing).
+    Masked-out values are replaced (not multiplied by 0). Before the loss runs, masked-out
+    entries of every floating-point positional argument of exactly the mask's shape are set to
+    0, so a NaN or inf there (a missing label, say) reaches neither the result nor the gradient.
+    ``reduction="mean"`` averages over the kept elements only (NaN if none are kept, like
+    torch's mean of nothing).
 
     Args:
         loss: returns unreduced values.

@@ -19,5 +19,5 @@ settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 # Any vmap that falls back to torch's per-example loop warns, and warnings are errors.
-torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -29,10 +29,7 @@ def cotangent(out: Tensor) -> Tensor:
 
 
 def with_grad(ex: Example) -> list[Any]:
-    return [
-        a.detach().clone().requires_grad_(True) if i in ex.diff else a
-        for i, a in enumerate(ex.args)
-    ]
+    return [a.detach().clone().requires_grad_(True) if i in ex.diff else a for i, a in enumerate(ex.args)]
 
 
 def value_and_grads(fn: Callable[..., Tensor], ex: Example) -> tuple[Tensor, list[Tensor | None]]:

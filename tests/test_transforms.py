@@ -33,8 +33,9 @@ def _compare(ours: Any, theirs: Any, dtype: torch.dtype, what: str) -> None:
         for a, b in zip(ours, theirs):
             _compare(a, b, dtype, what)
         return
-    tol = {"rtol": 1e-6, "atol": 1e-8} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(ours, theirs.to(ours.dtype) if isinstance(theirs, torch.Tensor) else theirs, **tol, msg=lambda m: f"{what}: {m}")
+    rtol, atol = (1e-6, 1e-8) if dtype == torch.float64 else (1e-4, 1e-5)
+    expected = theirs.to(ours.dtype) if isinstance(theirs, torch.Tensor) else theirs
+    torch.testing.assert_close(ours, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

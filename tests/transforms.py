@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.func as tf
@@ -16,7 +16,9 @@ from .harness import mapped, quiet_call, slice_example
 TRANSFORMS = ["grad", "vmap", "vmap_grad", "jvp", "jacfwd", "jacrev", "hessian", "compile"]
 
 
-def _positional(fn: Callable[..., Tensor], ex: Example, wrt: tuple[int, ...]) -> tuple[Callable[..., Tensor], list[Any]]:
+def _positional(
+    fn: Callable[..., Tensor], ex: Example, wrt: tuple[int, ...]
+) -> tuple[Callable[..., Tensor], list[Any]]:
     """``fn`` as a function of the arguments at ``wrt`` only, the others fixed."""
     fixed = list(ex.args)
 
@@ -29,7 +31,9 @@ def _positional(fn: Callable[..., Tensor], ex: Example, wrt: tuple[int, ...]) ->
     return f, [ex.args[i] for i in wrt]
 
 
-def torch_grads(fn: Callable[..., Tensor], args: list[Any], kwargs: dict[str, Any], wrt: tuple[int, ...]) -> tuple[Tensor, ...]:
+def torch_grads(
+    fn: Callable[..., Tensor], args: list[Any], kwargs: dict[str, Any], wrt: tuple[int, ...]
+) -> tuple[Tensor, ...]:
     args = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(args)]
     out = quiet_call(fn, *args, **kwargs)
     return torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)
@@ -90,11 +94,11 @@ def torch_reference(name: str, fn: Callable[..., Tensor], ex: Example, torch_bre
         return sum((g * tangent_like(ex.args[i])).sum() for g, i in zip(grads, wrt))
     if name in ("jacfwd", "jacrev"):
         f, xs = _positional(fn, ex, wrt[:1])
-        return torch.autograd.functional.jacobian(f, xs[0])
+        return autograd_jacobian(f, xs[0])
     if name == "hessian":
         f, xs = _positional(fn, ex, wrt[:1])
         if "hessian" not in torch_breaks:
-            return torch.autograd.functional.hessian(f, xs[0])
+            return autograd_hessian(f, xs[0])
         return finite_difference_hessian(f, xs[0])
     if name == "compile":
         args = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(ex.args)]
@@ -102,6 +106,14 @@ def torch_reference(name: str, fn: Callable[..., Tensor], ex: Example, torch_bre
         grads = torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)
         return (out.detach(), *grads)
     raise ValueError(name)
+
+
+def autograd_jacobian(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    return cast(Tensor, torch.autograd.functional.jacobian(f, x))  # type: ignore[no-untyped-call]
+
+
+def autograd_hessian(f: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    return cast(Tensor, torch.autograd.functional.hessian(f, x))  # type: ignore[no-untyped-call]
 
 
 def finite_difference_hessian(f: Callable[[Tensor], Tensor], x: Tensor, h: float = 1e-5) -> Tensor:

@@ -120,7 +120,9 @@ def _make_soft_margin(s: Sampler, o: Options) -> Example:
 
 def _make_hinge(s: Sampler, o: Options) -> Example:
     x, y = _pair(s, o, target=s.signs)
-    return Example((x.abs() * 2, y), {"margin": o["margin"], "reduction": o["reduction"]}, (0,), _batched(o["shape"], 2))
+    return Example(
+        (x.abs() * 2, y), {"margin": o["margin"], "reduction": o["reduction"]}, (0,), _batched(o["shape"], 2)
+    )
 
 
 def _make_ranking(s: Sampler, o: Options) -> Example:
@@ -152,7 +154,7 @@ def _make_gaussian(s: Sampler, o: Options) -> Example:
     elif kind == "short":
         var = s.uniform(shape[:-1], low, 2.0)
     else:  # one dim of size 1
-        var = s.uniform(tuple(shape[:-1]) + (1,), low, 2.0)
+        var = s.uniform((*shape[:-1], 1), low, 2.0)
     batched = _batched(shape, 2) is not None
     tensor_var = isinstance(var, Tensor)
     kw = {"full": o["full"], "reduction": o["reduction"]}
@@ -198,45 +200,87 @@ def _make_kl(s: Sampler, o: Options) -> Example:
 
 
 def _cases() -> list[LossCase]:
-    base = {"shape": ELEMENTWISE_SHAPES, "reduction": REDUCTIONS}
+    base: dict[str, Sequence[Any]] = {"shape": ELEMENTWISE_SHAPES, "reduction": REDUCTIONS}
     return [
         LossCase("l1_loss", fl.l1_loss, F.l1_loss, _make_regression(True), {**base, "weight": [False, True]}),
         LossCase("mse_loss", fl.mse_loss, F.mse_loss, _make_regression(True), {**base, "weight": [False, True]}),
         LossCase(
-            "huber_loss", fl.huber_loss, F.huber_loss, _make_regression(True),
+            "huber_loss",
+            fl.huber_loss,
+            F.huber_loss,
+            _make_regression(True),
             {**base, "delta": [1.0, 0.5, 2.5], "weight": [False, True]},
         ),
-        LossCase("smooth_l1_loss", fl.smooth_l1_loss, F.smooth_l1_loss, _make_regression(False), {**base, "beta": [1.0, 0.0, 0.3]}),
         LossCase(
-            "soft_margin_loss", fl.soft_margin_loss, F.soft_margin_loss, _make_soft_margin, base,
+            "smooth_l1_loss",
+            fl.smooth_l1_loss,
+            F.smooth_l1_loss,
+            _make_regression(False),
+            {**base, "beta": [1.0, 0.0, 0.3]},
+        ),
+        LossCase(
+            "soft_margin_loss",
+            fl.soft_margin_loss,
+            F.soft_margin_loss,
+            _make_soft_margin,
+            base,
             torch_breaks=frozenset({"vmap", "hessian"}),
         ),
-        LossCase("hinge_embedding_loss", fl.hinge_embedding_loss, F.hinge_embedding_loss, _make_hinge, {**base, "margin": [1.0, 0.5, 3.0]}),
         LossCase(
-            "margin_ranking_loss", fl.margin_ranking_loss, F.margin_ranking_loss, _make_ranking,
-            {**base, "margin": [0.0, 0.5]}, torch_breaks=frozenset({"vmap"}),
+            "hinge_embedding_loss",
+            fl.hinge_embedding_loss,
+            F.hinge_embedding_loss,
+            _make_hinge,
+            {**base, "margin": [1.0, 0.5, 3.0]},
         ),
         LossCase(
-            "poisson_nll_loss", fl.poisson_nll_loss, F.poisson_nll_loss, _make_poisson,
+            "margin_ranking_loss",
+            fl.margin_ranking_loss,
+            F.margin_ranking_loss,
+            _make_ranking,
+            {**base, "margin": [0.0, 0.5]},
+            torch_breaks=frozenset({"vmap"}),
+        ),
+        LossCase(
+            "poisson_nll_loss",
+            fl.poisson_nll_loss,
+            F.poisson_nll_loss,
+            _make_poisson,
             {**base, "log_input": [True, False], "full": [False, True]},
         ),
         LossCase(
-            "gaussian_nll_loss", fl.gaussian_nll_loss, F.gaussian_nll_loss, _make_gaussian,
+            "gaussian_nll_loss",
+            fl.gaussian_nll_loss,
+            F.gaussian_nll_loss,
+            _make_gaussian,
             {**base, "var": ["same", "float", "short", "one"], "full": [False, True], "tiny_var": [False, True]},
             torch_breaks=frozenset({"vmap"}),
         ),
         LossCase(
-            "binary_cross_entropy", fl.binary_cross_entropy, F.binary_cross_entropy, _make_bce,
+            "binary_cross_entropy",
+            fl.binary_cross_entropy,
+            F.binary_cross_entropy,
+            _make_bce,
             {**base, "soft_target": [True, False], "weight": [False, True]},
         ),
         LossCase(
-            "binary_cross_entropy_with_logits", fl.binary_cross_entropy_with_logits,
-            F.binary_cross_entropy_with_logits, _make_bce_logits,
+            "binary_cross_entropy_with_logits",
+            fl.binary_cross_entropy_with_logits,
+            F.binary_cross_entropy_with_logits,
+            _make_bce_logits,
             {**base, "soft_target": [True, False], "weight": [False, True], "pos_weight": [False, True]},
         ),
         LossCase(
-            "kl_div", fl.kl_div, F.kl_div, _make_kl,
-            {**base, "reduction": ["batchmean", "sum", "none", "mean"], "log_target": [False, True], "zeros": [False, True]},
+            "kl_div",
+            fl.kl_div,
+            F.kl_div,
+            _make_kl,
+            {
+                **base,
+                "reduction": ["batchmean", "sum", "none", "mean"],
+                "log_target": [False, True],
+                "zeros": [False, True],
+            },
             torch_breaks=frozenset({"vmap"}),
         ),
     ]

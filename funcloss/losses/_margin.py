@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_reduction
+from .._checks import broadcast_shape, check_reduction
 from .._combinators import reduce
 from .._typing import Reduction
 
@@ -34,7 +34,7 @@ def soft_margin_loss(
     See also: ``torch.nn.functional.soft_margin_loss``.
     """
     check_reduction("soft_margin_loss", reduction)
-    if torch.broadcast_shapes(input.shape, target.shape) != input.shape:
+    if broadcast_shape(input.shape, target.shape) != input.shape:
         raise RuntimeError(
             f"soft_margin_loss(...): expected a target broadcastable to the input's shape "
             f"{tuple(input.shape)}, got {tuple(target.shape)}."

@@ -50,7 +50,7 @@ def l1_loss(
     warn_if_broadcast("l1_loss", input, target)
     check_reduction("l1_loss", reduction)
     _elementwise_weight("l1_loss", weight, input)
-    x, y = torch.broadcast_tensors(input, target)
+    x, y = input, target
     return weighted_reduce((x - y).abs(), weight, reduction)
 
 
@@ -79,7 +79,7 @@ def mse_loss(
     warn_if_broadcast("mse_loss", input, target)
     check_reduction("mse_loss", reduction)
     _elementwise_weight("mse_loss", weight, input)
-    x, y = torch.broadcast_tensors(input, target)
+    x, y = input, target
     d = x - y
     return weighted_reduce(d * d, weight, reduction)
 
@@ -126,7 +126,7 @@ def huber_loss(
             "non-positive values for delta."
         )
     _elementwise_weight("huber_loss", weight, input)
-    x, y = torch.broadcast_tensors(input, target)
+    x, y = input, target
     values = _huber_values(x - y, delta)
     if weight is not None:
         values = values * weight
@@ -164,7 +164,7 @@ def smooth_l1_loss(
             f"smooth_l1_loss(...): expected beta >= 0, got {beta}. smooth_l1_loss does not support "
             "negative values for beta."
         )
-    x, y = torch.broadcast_tensors(input, target)
+    x, y = input, target
     d = x - y
     if beta == 0.0:
         return reduce(d.abs(), reduction)
@@ -217,9 +217,7 @@ def poisson_nll_loss(
 def _gaussian_var(input: Tensor, var: Tensor | float) -> Tensor:
     if isinstance(var, (int, float)):
         if var < 0:
-            raise ValueError(
-                f"gaussian_nll_loss(...): expected var >= 0, got {var}. var has negative entry/entries."
-            )
+            raise ValueError(f"gaussian_nll_loss(...): expected var >= 0, got {var}. var has negative entry/entries.")
         return var * torch.ones_like(input)
     if not isinstance(var, Tensor):
         raise TypeError(f"gaussian_nll_loss(...): expected var to be a Tensor or float, got {type(var).__name__}.")

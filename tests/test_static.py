@@ -1,0 +1,54 @@
+"""Static checks run by the test command: typing tests in typings/, mypy --strict over the
+package and the tests, and ruff."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from mypy import api as mypy_api
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPINGS = ROOT / "typings"
+
+
+# One cache for every mypy run of the session: torch's stubs are read once.
+CACHE = tempfile.mkdtemp(prefix="funcloss-mypy-")
+
+
+def _mypy(*args: str) -> tuple[str, int]:
+    out, err, status = mypy_api.run([*args, "--cache-dir", CACHE])
+    return out + err, status
+
+
+@pytest.mark.parametrize("kind", ["pass", "fail", "reveal"])
+def test_typing_files(kind: str) -> None:
+    """pass/ and reveal/ type-check cleanly; fail/'s errors all happen where the ignores say."""
+    report, status = _mypy("--config-file", str(TYPINGS / "mypy.ini"), str(TYPINGS / kind))
+    assert status == 0, report
+
+
+def test_fail_files_really_fail_without_their_ignores(tmp_path: Path) -> None:
+    """Strip the ignores: every marked line must then be an error."""
+    src = (TYPINGS / "fail" / "losses.py").read_text()
+    marked = sum("# type: ignore[" in line for line in src.splitlines())
+    stripped = tmp_path / "stripped.py"
+    stripped.write_text("\n".join(line.split("  # type: ignore[")[0] for line in src.splitlines()) + "\n")
+    report, status = _mypy("--config-file", str(TYPINGS / "mypy.ini"), str(stripped))
+    assert status == 1
+    assert report.count(": error:") >= marked, report
+
+
+def test_mypy_strict_over_package_and_tests() -> None:
+    report, status = _mypy("--config-file", str(ROOT / "pyproject.toml"), str(ROOT / "funcloss"), str(ROOT / "tests"))
+    assert status == 0, report
+
+
+def test_ruff() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
