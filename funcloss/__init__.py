@@ -27,8 +27,21 @@ from ._typing import KLDivReduction as KLDivReduction
 from ._typing import Loss as Loss
 from ._typing import Reduction as Reduction
 from ._typing import WeightBy as WeightBy
+from .losses._adaptive import ASMOutput as ASMOutput
+from .losses._adaptive import adaptive_log_prob as adaptive_log_prob
+from .losses._adaptive import adaptive_log_softmax_with_loss as adaptive_log_softmax_with_loss
+from .losses._classification import cross_entropy as cross_entropy
+from .losses._classification import linear_cross_entropy as linear_cross_entropy
+from .losses._classification import nll_loss as nll_loss
+from .losses._embedding import cosine_embedding_loss as cosine_embedding_loss
+from .losses._embedding import pairwise_distance as pairwise_distance
+from .losses._embedding import triplet_margin_loss as triplet_margin_loss
+from .losses._embedding import triplet_margin_with_distance_loss as triplet_margin_with_distance_loss
 from .losses._margin import hinge_embedding_loss as hinge_embedding_loss
 from .losses._margin import margin_ranking_loss as margin_ranking_loss
+from .losses._margin import multi_margin_loss as multi_margin_loss
+from .losses._margin import multilabel_margin_loss as multilabel_margin_loss
+from .losses._margin import multilabel_soft_margin_loss as multilabel_soft_margin_loss
 from .losses._margin import soft_margin_loss as soft_margin_loss
 from .losses._probabilistic import binary_cross_entropy as binary_cross_entropy
 from .losses._probabilistic import binary_cross_entropy_with_logits as binary_cross_entropy_with_logits
@@ -39,10 +52,12 @@ from .losses._regression import l1_loss as l1_loss
 from .losses._regression import mse_loss as mse_loss
 from .losses._regression import poisson_nll_loss as poisson_nll_loss
 from .losses._regression import smooth_l1_loss as smooth_l1_loss
+from .losses._sequence import ctc_loss as ctc_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASMOutput",
     "DistanceFunction",
     "KLDivReduction",
     "Loss",
@@ -53,25 +68,38 @@ __all__ = [
     "Scaled",
     "WeightBy",
     "Weighted",
+    "adaptive_log_prob",
+    "adaptive_log_softmax_with_loss",
     "batchmean",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
+    "cosine_embedding_loss",
+    "cross_entropy",
+    "ctc_loss",
     "gaussian_nll_loss",
     "hinge_embedding_loss",
     "huber_loss",
     "kl_div",
     "l1_loss",
+    "linear_cross_entropy",
     "loss_sum",
     "margin_ranking_loss",
     "masked",
     "mse_loss",
+    "multi_margin_loss",
+    "multilabel_margin_loss",
+    "multilabel_soft_margin_loss",
+    "nll_loss",
     "normalized_sum",
+    "pairwise_distance",
     "poisson_nll_loss",
     "reduce",
     "reduced",
     "scaled",
     "smooth_l1_loss",
     "soft_margin_loss",
+    "triplet_margin_loss",
+    "triplet_margin_with_distance_loss",
     "weighted",
     "weighted_mean",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -10,16 +9,9 @@ import torch
 from torch import Tensor
 
 from funcloss._bench.cases import Example
+from funcloss._bench.transforms import quiet_call as quiet_call
 
 from .registry import Tolerance
-
-
-def quiet_call(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
-    """Call ``fn`` with torch's and funcloss's expected warnings (kl_div 'mean', size mismatch) muted."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*reduction.*'mean' divides.*")
-        warnings.filterwarnings("ignore", message=".*that is different to the input size.*")
-        return fn(*args, **kwargs)
 
 
 def cotangent(out: Tensor) -> Tensor:
@@ -57,20 +49,6 @@ def assert_close(ours: Tensor | None, theirs: Tensor | None, tol: Tolerance, wha
 def slice_example(ex: Example, i: int) -> tuple[list[Any], dict[str, Any]]:
     """The ``i``-th example of a batched `Example`, for a loop oracle."""
     assert ex.in_dims is not None
-    args = [a[i] if d == 0 else a for a, d in zip(ex.args, ex.in_dims)]
+    args = [a.select(d, i) if d is not None else a for a, d in zip(ex.args, ex.in_dims)]
     kwargs = {k: (v[i] if ex.kw_dims.get(k) == 0 and isinstance(v, Tensor) else v) for k, v in ex.kwargs.items()}
     return args, kwargs
-
-
-def mapped(fn: Callable[..., Tensor], ex: Example) -> tuple[Callable[..., Tensor], list[Any], tuple[int | None, ...]]:
-    """``fn`` as a function of positional args only (tensor kwargs moved to the end), for vmap."""
-    assert ex.in_dims is not None
-    names = [k for k, v in ex.kwargs.items() if isinstance(v, Tensor)]
-    rest = {k: v for k, v in ex.kwargs.items() if k not in names}
-    n = len(ex.args)
-
-    def flat(*xs: Any) -> Tensor:
-        return fn(*xs[:n], **dict(zip(names, xs[n:])), **rest)
-
-    dims = tuple(ex.in_dims) + tuple(ex.kw_dims.get(k) for k in names)
-    return flat, list(ex.args) + [ex.kwargs[k] for k in names], dims

@@ -147,6 +147,11 @@ def test_gaussian_negative_var_is_unchecked_under_vmap() -> None:
         fl.gaussian_nll_loss(x, y, -var)
 
 
+# torch's margin kernels test ``z > 0``, which a NaN fails, so they drop NaN silently; funcloss
+# propagates it (no silent data loss).
+TORCH_DROPS_NAN = {"multi_margin_loss", "multilabel_margin_loss"}
+
+
 @pytest.mark.parametrize("row", rows())
 def test_nan_propagates_like_torch(row: Row) -> None:
     ex = row.case.make(Sampler(11), {**row.case.defaults(), "reduction": "none"})
@@ -161,8 +166,12 @@ def test_nan_propagates_like_torch(row: Row) -> None:
             quiet_call(row.case.ours, *args, **ex.kwargs)
         return
     ours = quiet_call(row.case.ours, *args, **ex.kwargs)
+    if row.name in TORCH_DROPS_NAN:
+        assert torch.isnan(ours.reshape(-1)[0]) and not torch.isnan(theirs).any()
+        torch.testing.assert_close(ours.reshape(-1)[1:], theirs.reshape(-1)[1:])
+        return
+    # NaN exactly where torch has NaN (equal_nan compares the positions).
     torch.testing.assert_close(ours, theirs, equal_nan=True)
-    assert torch.isnan(ours).any()
 
 
 # ---------------------------------------------------------------- warnings
@@ -230,7 +239,7 @@ def test_bad_input_raises_like_torch(
             getattr(fl, name)(*args, **kwargs)
 
 
-@pytest.mark.parametrize("row", rows())
+@pytest.mark.parametrize("row", [r for r in rows() if "reduction" in r.values[0].case.options])
 def test_invalid_reduction_raises_value_error_like_torch(row: Row) -> None:
     ex = row.case.make(Sampler(0), row.case.defaults())
     kwargs = {**ex.kwargs, "reduction": "average"}

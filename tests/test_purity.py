@@ -67,6 +67,8 @@ def test_no_loss_kernel_runs(row: Row) -> None:
 @pytest.mark.parametrize("row", rows())
 def test_recorder_sees_torch_kernel(row: Row) -> None:
     """The recorder would notice: torch's own loss trips it."""
+    if row.name == "adaptive_log_softmax_with_loss":
+        pytest.skip("torch's AdaptiveLogSoftmaxWithLoss is itself linear + log_softmax + gather, no loss kernel")
     ops = _recorded_ops(row.case.theirs, row, row.case.defaults())
     assert {op for op in ops if FORBIDDEN.search(op)}, f"no loss kernel seen in torch's {row.name}: {sorted(ops)}"
 

@@ -11,10 +11,10 @@ import torch
 import torch.func as tf
 
 from funcloss._bench.cases import Example, Sampler
+from funcloss._bench.transforms import TRANSFORMS, apply, mapped
 
-from .harness import mapped
 from .registry import DEVICES, Row, rows
-from .transforms import TRANSFORMS, ours_transform, torch_reference
+from .transforms import torch_reference
 
 NONE_REDUCTION = {"jacfwd", "jacrev"}
 
@@ -49,7 +49,7 @@ def test_transform(row: Row, transform: str, device: str) -> None:
         warnings.filterwarnings("ignore", message=".*reduction.*'mean' divides.*")
         # A vmap that falls back to torch's per-example loop warns: that fails here.
         warnings.filterwarnings("error", message=".*performance drop.*")
-        ours = ours_transform(transform, row.case.ours, ex)
+        ours = apply(transform, row.case.ours, ex)
     theirs = torch_reference(transform, row.case.theirs, ex, row.case.torch_breaks)
     dtype = ex.args[0].dtype
     if transform == "hessian" and "hessian" in row.case.torch_breaks:

@@ -6,73 +6,20 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import torch
-import torch.func as tf
 from torch import Tensor
 
 from funcloss._bench.cases import Example
+from funcloss._bench.transforms import positional, quiet_call, tangent_like, with_grad
 
-from .harness import mapped, quiet_call, slice_example
-
-TRANSFORMS = ["grad", "vmap", "vmap_grad", "jvp", "jacfwd", "jacrev", "hessian", "compile"]
-
-
-def _positional(
-    fn: Callable[..., Tensor], ex: Example, wrt: tuple[int, ...]
-) -> tuple[Callable[..., Tensor], list[Any]]:
-    """``fn`` as a function of the arguments at ``wrt`` only, the others fixed."""
-    fixed = list(ex.args)
-
-    def f(*xs: Tensor) -> Tensor:
-        args = list(fixed)
-        for i, x in zip(wrt, xs):
-            args[i] = x
-        return quiet_call(fn, *args, **ex.kwargs)
-
-    return f, [ex.args[i] for i in wrt]
+from .harness import slice_example
 
 
 def torch_grads(
     fn: Callable[..., Tensor], args: list[Any], kwargs: dict[str, Any], wrt: tuple[int, ...]
 ) -> tuple[Tensor, ...]:
-    args = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(args)]
+    args = with_grad(args, wrt)
     out = quiet_call(fn, *args, **kwargs)
     return torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)
-
-
-def ours_transform(name: str, fn: Callable[..., Tensor], ex: Example) -> Any:
-    wrt = ex.diff
-    if name == "grad":
-        f, xs = _positional(fn, ex, wrt)
-        return tf.grad(f, argnums=tuple(range(len(xs))))(*xs)
-    if name == "vmap":
-        flat, args, dims = mapped(fn, ex)
-        return tf.vmap(flat, in_dims=dims)(*args)
-    if name == "vmap_grad":
-        flat, args, dims = mapped(fn, ex)
-        return tf.vmap(tf.grad(flat, argnums=0), in_dims=dims)(*args)
-    if name == "jvp":
-        f, xs = _positional(fn, ex, wrt)
-        tangents = tuple(tangent_like(x) for x in xs)
-        return tf.jvp(f, tuple(xs), tangents)[1]
-    if name in ("jacfwd", "jacrev"):
-        f, xs = _positional(fn, ex, wrt[:1])
-        jac = tf.jacfwd if name == "jacfwd" else tf.jacrev
-        return jac(f)(*xs)
-    if name == "hessian":
-        f, xs = _positional(fn, ex, wrt[:1])
-        return tf.hessian(f)(*xs)
-    if name == "compile":
-        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
-        args = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(ex.args)]
-        out = compiled(*args, **ex.kwargs)
-        grads = torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)
-        return (out.detach(), *grads)
-    raise ValueError(name)
-
-
-def tangent_like(x: Tensor) -> Tensor:
-    n = x.numel()
-    return torch.linspace(-1.0, 2.0, n, dtype=x.dtype, device=x.device).reshape(x.shape)
 
 
 def torch_reference(name: str, fn: Callable[..., Tensor], ex: Example, torch_breaks: frozenset[str]) -> Any:
@@ -93,15 +40,15 @@ def torch_reference(name: str, fn: Callable[..., Tensor], ex: Example, torch_bre
         grads = torch_grads(fn, list(ex.args), ex.kwargs, wrt)
         return sum((g * tangent_like(ex.args[i])).sum() for g, i in zip(grads, wrt))
     if name in ("jacfwd", "jacrev"):
-        f, xs = _positional(fn, ex, wrt[:1])
+        f, xs = positional(fn, ex, wrt[:1])
         return autograd_jacobian(f, xs[0])
     if name == "hessian":
-        f, xs = _positional(fn, ex, wrt[:1])
+        f, xs = positional(fn, ex, wrt[:1])
         if "hessian" not in torch_breaks:
             return autograd_hessian(f, xs[0])
         return finite_difference_hessian(f, xs[0])
     if name == "compile":
-        args = [a.detach().clone().requires_grad_(True) if i in wrt else a for i, a in enumerate(ex.args)]
+        args = with_grad(ex.args, wrt)
         out = quiet_call(fn, *args, **ex.kwargs)
         grads = torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)
         return (out.detach(), *grads)

@@ -79,6 +79,8 @@ class LossCase:
     torch_breaks: frozenset[str] = field(default_factory=frozenset)
     # torch supports float16/bfloat16 for this loss on CPU.
     half: bool = True
+    # Options for the benchmark's "small", "large" and "vmap" inputs (default: elementwise).
+    sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def defaults(self) -> dict[str, Any]:
         return {k: v[0] for k, v in self.options.items()}
@@ -199,6 +201,221 @@ def _make_kl(s: Sampler, o: Options) -> Example:
     return Example((x, y), {"reduction": o["reduction"], "log_target": o["log_target"]}, (0, 1), _batched(shape, 2))
 
 
+# --------------------------------------------------------------------------- structured losses
+
+CLASS_SHAPES: list[tuple[int, ...]] = [(4, 5), (5,), (3, 4, 2), (0, 4), (2, 3, 2, 2), (1, 1)]
+
+
+def _class_target(s: Sampler, shape: Sequence[int], o: Options) -> Tensor:
+    classes = shape[1] if len(shape) >= 2 else shape[0]
+    tshape = (shape[0], *shape[2:]) if len(shape) >= 2 else ()
+    y = s.integers(tshape, 0, classes)
+    if o.get("ignore") and y.numel():
+        flat = y.reshape(-1).clone()
+        flat[0] = o["ignore_index"]
+        y = flat.reshape(tshape)
+    return y
+
+
+def _make_cross_entropy(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    x = s.normal(shape, 2.0)
+    classes = shape[1] if len(shape) >= 2 else shape[0]
+    kw: dict[str, Any] = {"reduction": o["reduction"], "label_smoothing": o["label_smoothing"]}
+    if o["weight"]:
+        kw["weight"] = s.uniform((classes,), 0.2, 2.0)
+    in_dims = (0, 0) if len(shape) == 2 and shape[0] > 0 else None
+    if o["target"] == "probs":
+        class_dim = 0 if len(shape) == 1 else 1
+        y = torch.softmax(s.normal(shape), dim=class_dim)
+        return Example((x, y), kw, (0, 1), in_dims)
+    kw["ignore_index"] = o["ignore_index"]
+    return Example((x, _class_target(s, shape, o)), kw, (0,), in_dims)
+
+
+def _make_nll(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    class_dim = 0 if len(shape) == 1 else 1
+    x = torch.log_softmax(s.normal(shape, 2.0), dim=class_dim)
+    classes = shape[class_dim]
+    kw: dict[str, Any] = {"reduction": o["reduction"], "ignore_index": o["ignore_index"]}
+    if o["weight"]:
+        kw["weight"] = s.uniform((classes,), 0.2, 2.0)
+    in_dims = (0, 0) if len(shape) == 2 and shape[0] > 0 else None
+    return Example((x, _class_target(s, shape, o)), kw, (0,), in_dims)
+
+
+MATRIX_SHAPES: list[tuple[int, ...]] = [(4, 5), (5,), (0, 5), (1, 3), (6, 2)]
+
+
+def _make_multi_margin(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    x = s.normal(shape)
+    y = s.integers(shape[:-1], 0, shape[-1])
+    kw: dict[str, Any] = {"p": o["p"], "margin": o["margin"], "reduction": o["reduction"]}
+    if o["weight"]:
+        kw["weight"] = s.uniform(shape[-1:], 0.2, 2.0)
+    return Example((x, y), kw, (0,), (0, 0) if len(shape) == 2 and shape[0] else None)
+
+
+def _make_multilabel_margin(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    classes = shape[-1]
+    rows = []
+    for _ in range(shape[0] if len(shape) == 2 else 1):
+        perm = torch.randperm(classes, generator=s.gen)
+        k = int(torch.randint(0, classes + 1, (), generator=s.gen))
+        row = perm.clone()
+        if k < classes:
+            row[k] = -1  # entries after the first -1 are ignored, whatever they are
+        rows.append(row)
+    y = torch.stack(rows) if rows else torch.zeros((0, classes), dtype=torch.int64)
+    if len(shape) == 1:
+        y = y[0]
+    return Example(
+        (s.normal(shape), y.to(s.device)),
+        {"reduction": o["reduction"]},
+        (0,),
+        (0, 0) if len(shape) == 2 and shape[0] else None,
+    )
+
+
+def _make_multilabel_soft_margin(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    y = s.uniform(shape) if o["soft_target"] else s.integers(shape, 0, 2).to(s.dtype)
+    kw: dict[str, Any] = {"reduction": o["reduction"]}
+    if o["weight"]:
+        kw["weight"] = s.uniform(shape[-1:], 0.2, 2.0)
+    return Example((s.normal(shape, 2.0), y), kw, (0, 1), (0, 0) if len(shape) == 2 and shape[0] else None)
+
+
+EMBEDDING_SHAPES: list[tuple[int, ...]] = [(4, 6), (6,), (0, 3), (1, 1), (5, 2)]
+
+
+def _make_cosine(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    x1, x2 = s.normal(shape), s.normal(shape)
+    y = s.signs(shape[:-1])
+    kw = {"margin": o["margin"], "reduction": o["reduction"]}
+    return Example((x1, x2, y), kw, (0, 1), (0, 0, 0) if len(shape) == 2 and shape[0] else None)
+
+
+def _make_triplet(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    a, p, n = s.normal(shape), s.normal(shape), s.normal(shape)
+    kw = {"margin": o["margin"], "p": o["p"], "swap": o["swap"], "reduction": o["reduction"]}
+    return Example((a, p, n), kw, (0, 1, 2), (0, 0, 0) if len(shape) == 2 and shape[0] else None)
+
+
+def cosine_distance(x1: Tensor, x2: Tensor) -> Tensor:
+    """``1 - cos(x1, x2)`` over the last dim: a distance for the triplet case."""
+    return 1 - F.cosine_similarity(x1, x2, dim=-1)
+
+
+def _make_triplet_distance(s: Sampler, o: Options) -> Example:
+    shape = o["shape"]
+    a, p, n = s.normal(shape), s.normal(shape), s.normal(shape)
+    kw: dict[str, Any] = {"margin": o["margin"], "swap": o["swap"], "reduction": o["reduction"]}
+    if o["distance"] == "cosine":
+        kw["distance_function"] = cosine_distance
+    return Example((a, p, n), kw, (0, 1, 2), (0, 0, 0) if len(shape) == 2 and shape[0] else None)
+
+
+def _ctc_ours(logits: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, **kw: Any) -> Tensor:
+    return fl.ctc_loss(torch.log_softmax(logits, -1), targets, input_lengths, target_lengths, **kw)
+
+
+def _ctc_theirs(logits: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor, **kw: Any) -> Tensor:
+    if logits.dim() == 2:  # unbatched: torch wants the target row trimmed to its length
+        targets = targets[: int(target_lengths)]
+    return F.ctc_loss(torch.log_softmax(logits, -1), targets, input_lengths, target_lengths, **kw)
+
+
+def _make_ctc(s: Sampler, o: Options) -> Example:
+    steps, batch, classes, width = o["size"]
+    blank = 0 if o["blank"] == "first" else classes - 1
+    logits = s.normal((steps, batch, classes), 2.0)
+    tl = s.integers((batch,), 0, width + 1)
+    labels = s.integers((batch, width), 1, classes) - (0 if blank == 0 else 1)  # never the blank
+    # Each sequence gets at least as many steps as its target needs, unless asked not to.
+    repeats = ((labels[:, 1:] == labels[:, :-1]) & (torch.arange(1, width, device=labels.device) < tl[:, None])).sum(1)
+    need = (tl + repeats).clamp_max(steps)
+    il = need + (s.integers((batch,), 0, steps + 1) % (steps - need + 1))
+    if not o["feasible"] and int(tl.max()) > 0:
+        k = int(tl.argmax())
+        il = il.clone()
+        il[k] = max(0, int(tl[k] + repeats[k]) - 1)
+    kw = {"blank": blank, "reduction": o["reduction"], "zero_infinity": o["zero_infinity"]}
+    infeasible = bool(((tl + repeats) > il).any())
+    # An infeasible sequence's gradient is NaN in torch and zero in funcloss (a named test).
+    diff = () if infeasible and not o["zero_infinity"] else (0,)
+    if o["targets"] == "concatenated":
+        flat = torch.cat([labels[n, : int(tl[n])] for n in range(batch)]) if batch else labels.reshape(-1)
+        return Example((logits, flat, il, tl), kw, diff, None)
+    return Example((logits, labels, il, tl), kw, diff, (1, 0, 0, 0))
+
+
+def _make_linear_ce(s: Sampler, o: Options) -> Example:
+    n, hidden, classes = o["size"]
+    x = s.normal((n, hidden))
+    w = s.normal((classes, hidden), 0.5)
+    kw: dict[str, Any] = {"reduction": o["reduction"], "label_smoothing": o["label_smoothing"]}
+    if o["bias"]:
+        kw["linear_bias"] = s.normal((classes,))
+    if o["weight"]:
+        kw["weight"] = s.uniform((classes,), 0.2, 2.0)
+    y = s.integers((n,), 0, classes)
+    if o["ignore"] and n:
+        y = y.clone()
+        y[0] = -100
+    elif o["ignore_index"] is not None:
+        kw["ignore_index"] = o["ignore_index"]
+    chunk = {"chunk_size": o["chunk_size"]} if o["chunk_size"] else {}
+    return Example((x, w, y), {**kw, **chunk}, (0, 1), (0, None, 0) if n else None)
+
+
+def _linear_ce_theirs(*args: Any, chunk_size: int | None = None, **kw: Any) -> Tensor:
+    del chunk_size  # funcloss's option; torch's default path is unchunked
+    return F.linear_cross_entropy(*args, **kw)
+
+
+ADAPTIVE_CUTOFFS = (3, 6)
+
+
+def _adaptive_ours(x: Tensor, y: Tensor, head: Tensor, p0: Tensor, o0: Tensor, p1: Tensor, o1: Tensor) -> Tensor:
+    return fl.adaptive_log_softmax_with_loss(x, y, head, [(p0, o0), (p1, o1)], ADAPTIVE_CUTOFFS).loss
+
+
+def _adaptive_theirs(x: Tensor, y: Tensor, head: Tensor, p0: Tensor, o0: Tensor, p1: Tensor, o1: Tensor) -> Tensor:
+    module = torch.nn.AdaptiveLogSoftmaxWithLoss(head.size(1), 10, list(ADAPTIVE_CUTOFFS), div_value=2.0)
+    params = {
+        "head.weight": head,
+        "tail.0.0.weight": p0,
+        "tail.0.1.weight": o0,
+        "tail.1.0.weight": p1,
+        "tail.1.1.weight": o1,
+    }
+    loss: Tensor = torch.func.functional_call(module.to(device=x.device, dtype=x.dtype), params, (x, y)).loss
+    return loss
+
+
+def _make_adaptive(s: Sampler, o: Options) -> Example:
+    n, hidden = o["size"]
+    x = s.normal((n, hidden)) if n else s.normal((hidden,))
+    y = s.integers((n,) if n else (), 0, 10)
+    h0, h1 = hidden // 2, hidden // 4
+    args = (
+        x,
+        y,
+        s.normal((5, hidden), 0.5),
+        s.normal((h0, hidden), 0.5),
+        s.normal((3, h0), 0.5),
+        s.normal((h1, hidden), 0.5),
+        s.normal((4, h1), 0.5),
+    )
+    return Example(args, {}, (0, 2, 3, 4, 5, 6), (0, 0, None, None, None, None, None) if n else None)
+
+
 def _cases() -> list[LossCase]:
     base: dict[str, Sequence[Any]] = {"shape": ELEMENTWISE_SHAPES, "reduction": REDUCTIONS}
     return [
@@ -282,6 +499,157 @@ def _cases() -> list[LossCase]:
                 "zeros": [False, True],
             },
             torch_breaks=frozenset({"vmap"}),
+        ),
+        *_structured_cases(base),
+    ]
+
+
+def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
+    red = base["reduction"]
+    class_sizes = {
+        "small": {"shape": (64, 10)},
+        "large": {"shape": (4096, 1000)},
+        "vmap": {"shape": (64, 10)},
+    }
+    ce_opts = {
+        "shape": CLASS_SHAPES,
+        "reduction": red,
+        "target": ["index", "probs"],
+        "weight": [False, True],
+        "label_smoothing": [0.0, 0.1, 1.0],
+        "ignore": [False, True],
+        "ignore_index": [-100, 2],
+    }
+    return [
+        LossCase("cross_entropy", fl.cross_entropy, F.cross_entropy, _make_cross_entropy, ce_opts, sizes=class_sizes),
+        LossCase(
+            "nll_loss",
+            fl.nll_loss,
+            F.nll_loss,
+            _make_nll,
+            {
+                "shape": CLASS_SHAPES,
+                "reduction": red,
+                "weight": [False, True],
+                "ignore": [False, True],
+                "ignore_index": [-100, 2],
+            },
+            sizes=class_sizes,
+        ),
+        LossCase(
+            "multi_margin_loss",
+            fl.multi_margin_loss,
+            F.multi_margin_loss,
+            _make_multi_margin,
+            # No empty batch: torch's mean of one is uninitialised memory (a named test).
+            {
+                "shape": [s for s in MATRIX_SHAPES if s[0] != 0],
+                "reduction": red,
+                "p": [1, 2],
+                "margin": [1.0, 0.5],
+                "weight": [False, True],
+            },
+            torch_breaks=frozenset({"vmap", "jvp", "hessian"}),
+            sizes=class_sizes,
+        ),
+        LossCase(
+            "multilabel_margin_loss",
+            fl.multilabel_margin_loss,
+            F.multilabel_margin_loss,
+            _make_multilabel_margin,
+            {"shape": [s for s in MATRIX_SHAPES if s[0] != 0], "reduction": red},
+            torch_breaks=frozenset({"vmap", "jvp", "hessian"}),
+            sizes={"small": {"shape": (64, 10)}, "large": {"shape": (1024, 100)}, "vmap": {"shape": (64, 10)}},
+        ),
+        LossCase(
+            "multilabel_soft_margin_loss",
+            fl.multilabel_soft_margin_loss,
+            F.multilabel_soft_margin_loss,
+            _make_multilabel_soft_margin,
+            {"shape": MATRIX_SHAPES, "reduction": red, "soft_target": [False, True], "weight": [False, True]},
+            sizes=class_sizes,
+        ),
+        LossCase(
+            "cosine_embedding_loss",
+            fl.cosine_embedding_loss,
+            F.cosine_embedding_loss,
+            _make_cosine,
+            {"shape": EMBEDDING_SHAPES, "reduction": red, "margin": [0.0, 0.3, -0.2]},
+            sizes={"small": {"shape": (64, 16)}, "large": {"shape": (4096, 256)}, "vmap": {"shape": (64, 16)}},
+        ),
+        LossCase(
+            "triplet_margin_loss",
+            fl.triplet_margin_loss,
+            F.triplet_margin_loss,
+            _make_triplet,
+            {"shape": EMBEDDING_SHAPES, "reduction": red, "margin": [1.0, 0.3], "p": [2, 1, 3], "swap": [False, True]},
+            torch_breaks=frozenset({"vmap"}),
+            sizes={"small": {"shape": (64, 16)}, "large": {"shape": (4096, 256)}, "vmap": {"shape": (64, 16)}},
+        ),
+        LossCase(
+            "triplet_margin_with_distance_loss",
+            fl.triplet_margin_with_distance_loss,
+            F.triplet_margin_with_distance_loss,
+            _make_triplet_distance,
+            {
+                "shape": EMBEDDING_SHAPES,
+                "reduction": red,
+                "margin": [1.0, 0.3],
+                "swap": [False, True],
+                "distance": ["default", "cosine"],
+            },
+            sizes={"small": {"shape": (64, 16)}, "large": {"shape": (4096, 256)}, "vmap": {"shape": (64, 16)}},
+        ),
+        LossCase(
+            "ctc_loss",
+            _ctc_ours,
+            _ctc_theirs,
+            _make_ctc,
+            {
+                "size": [(6, 3, 5, 3), (8, 2, 4, 2), (1, 1, 3, 1), (10, 2, 6, 4)],
+                "reduction": red,
+                "targets": ["padded", "concatenated"],
+                "zero_infinity": [False, True],
+                "feasible": [True, False],
+                "blank": ["first", "last"],
+            },
+            torch_breaks=frozenset({"vmap", "jvp", "hessian"}),
+            half=False,
+            sizes={
+                "small": {"size": (20, 4, 10, 5)},
+                "large": {"size": (200, 16, 40, 30)},
+                "vmap": {"size": (50, 16, 20, 10)},
+            },
+        ),
+        LossCase(
+            "linear_cross_entropy",
+            fl.linear_cross_entropy,
+            _linear_ce_theirs,
+            _make_linear_ce,
+            {
+                "size": [(6, 4, 5), (1, 3, 2), (0, 3, 4), (9, 2, 7)],
+                "reduction": red,
+                "bias": [False, True],
+                "weight": [False, True],
+                "label_smoothing": [0.0, 0.2],
+                "ignore": [False, True],
+                "ignore_index": [None, 1],
+                "chunk_size": [None, 2, 4],
+            },
+            sizes={
+                "small": {"size": (64, 32, 10)},
+                "large": {"size": (4096, 256, 1000)},
+                "vmap": {"size": (64, 32, 10)},
+            },
+        ),
+        LossCase(
+            "adaptive_log_softmax_with_loss",
+            _adaptive_ours,
+            _adaptive_theirs,
+            _make_adaptive,
+            {"size": [(6, 8), (0, 8), (1, 4), (9, 16)]},
+            torch_breaks=frozenset({"vmap"}),
+            sizes={"small": {"size": (64, 16)}, "large": {"size": (4096, 256)}, "vmap": {"size": (64, 16)}},
         ),
     ]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import broadcast_shape, check_reduction
+from .._checks import broadcast_shape, check_reduction, check_values
 from .._combinators import reduce
 from .._typing import Reduction
 
@@ -101,3 +101,142 @@ def margin_ranking_loss(
             f"{tuple(target.shape)}."
         )
     return reduce((-target * (input1 - input2) + margin).clamp_min(0), reduction)
+
+
+def _check_index_classes(fn: str, input: Tensor, target: Tensor) -> tuple[Tensor, int]:
+    if input.dim() not in (1, 2):
+        raise RuntimeError(f"{fn}(...): expected input of shape (N, C) or (C,), got {tuple(input.shape)}.")
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(f"{fn}(...): expected int64 class-index targets, got {target.dtype}. Use target.long().")
+    return target.long(), input.size(-1)
+
+
+def multi_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    p: int = 1,
+    margin: float = 1.0,
+    weight: Tensor | None = None,
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Multi-class hinge loss (one-vs-all margins against the target class).
+
+    .. math::
+        \\ell_n = \\frac{1}{C} \\sum_{i \\ne y_n} w_{y_n} \\max(0, \\Delta - x_{n, y_n} + x_{n, i})^p
+
+    (torch multiplies ``w[y]`` after the power.) The mean of an empty batch is NaN; torch's
+    kernel returns uninitialised memory there.
+
+    Args:
+        input: scores ``(N, C)`` or ``(C,)``.
+        target: class indices ``(N,)`` or a scalar, in ``[0, C)`` (checked in eager mode).
+        p: 1 or 2.
+        margin: ``Delta``.
+        weight: ``(C,)`` per-class weights.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    See also: ``torch.nn.functional.multi_margin_loss``.
+    """
+    check_reduction("multi_margin_loss", reduction)
+    if p not in (1, 2):
+        raise ValueError(f"multi_margin_loss(...): expected p to be 1 or 2, got {p}. only p == 1 and p == 2 supported.")
+    if weight is not None and weight.dim() != 1:
+        raise ValueError(
+            f"multi_margin_loss(...): expected a one-dimensional weight (C,), got shape {tuple(weight.shape)}. "
+            "weight must be one-dimensional."
+        )
+    target, classes = _check_index_classes("multi_margin_loss", input, target)
+    expected_target = input.shape[:-1]
+    if tuple(target.shape) != tuple(expected_target):
+        raise RuntimeError(
+            f"multi_margin_loss(...): expected target of shape {tuple(expected_target)}, got {tuple(target.shape)}."
+        )
+    check_values(
+        (target >= 0) & (target < classes),
+        RuntimeError,
+        f"multi_margin_loss(...): expected targets in [0, {classes - 1}], got one out of range. target out of range.",
+    )
+    x_y = input.gather(-1, target.unsqueeze(-1))
+    z = torch.relu(margin - x_y + input)
+    h = z if p == 1 else z * z
+    others = torch.arange(classes, device=input.device) != target.unsqueeze(-1)
+    h = h * others.to(h.dtype)
+    if weight is not None:
+        h = h * weight[target].unsqueeze(-1)
+    return reduce(h.sum(-1) / classes, reduction)
+
+
+def multilabel_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Multi-label hinge loss: every target class should outscore every non-target class by 1.
+
+    .. math::
+        \\ell_n = \\frac{1}{C} \\sum_{j \\in Y_n} \\sum_{i \\notin Y_n} \\max(0, 1 - (x_{n, j} - x_{n, i}))
+
+    ``Y_n`` is read from the target row's prefix before its first ``-1`` (entries after it are
+    ignored; a class listed twice counts twice, as in torch). The mean of an empty batch is NaN;
+    torch's kernel returns uninitialised memory there.
+
+    Args:
+        input: scores ``(N, C)`` or ``(C,)``.
+        target: int64 of the input's shape: class indices padded with -1.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    See also: ``torch.nn.functional.multilabel_margin_loss``.
+    """
+    check_reduction("multilabel_margin_loss", reduction)
+    target, classes = _check_index_classes("multilabel_margin_loss", input, target)
+    if target.shape != input.shape:
+        raise RuntimeError(
+            f"multilabel_margin_loss(...): expected target of the input's shape {tuple(input.shape)}, "
+            f"got {tuple(target.shape)}. inconsistent target size."
+        )
+    check_values(
+        (target >= -1) & (target < classes),
+        RuntimeError,
+        f"multilabel_margin_loss(...): expected targets in [-1, {classes - 1}], got one out of range. "
+        "argument #2 'target' is out of range.",
+    )
+    listed = torch.cumprod((target != -1).to(torch.int64), dim=-1).to(input.dtype)  # before the first -1
+    safe = target.clamp_min(0)
+    onehot = (safe.unsqueeze(-1) == torch.arange(classes, device=input.device)).to(input.dtype)
+    onehot = onehot * listed.unsqueeze(-1)
+    is_target = onehot.sum(-2).clamp_max(1)  # (..., C)
+    x_j = input.gather(-1, safe)  # (..., S)
+    z = torch.relu(1 - x_j.unsqueeze(-1) + input.unsqueeze(-2))  # (..., S, C)
+    pairs = listed.unsqueeze(-1) * (1 - is_target).unsqueeze(-2)
+    return reduce((z * pairs).sum((-1, -2)) / classes, reduction)
+
+
+def multilabel_soft_margin_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """One-vs-all logistic loss over C labels, averaged over the labels.
+
+    .. math::
+        \\ell_n = -\\frac{1}{C} \\sum_c w_c \\left[ y_{n,c} \\log \\sigma(x_{n,c})
+                  + (1 - y_{n,c}) \\log \\sigma(-x_{n,c}) \\right]
+
+    Args:
+        input: logits ``(N, C)`` (or ``(C,)``).
+        target: same shape, values in [0, 1].
+        weight: broadcastable per-class weight ``(C,)``.
+        reduction: ``"none"`` (one value per sample) | ``"mean"`` | ``"sum"``.
+
+    See also: ``torch.nn.functional.multilabel_soft_margin_loss``.
+    """
+    check_reduction("multilabel_soft_margin_loss", reduction)
+    values = -(target * F.logsigmoid(input) + (1 - target) * F.logsigmoid(-input))
+    if weight is not None:
+        values = values * weight
+    classes = input.size(input.dim() - 1)
+    return reduce(values.sum(dim=input.dim() - 1) / classes, reduction)

@@ -1,0 +1,48 @@
+"""Command line: ``python -m funcloss check | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m funcloss", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="compare every loss with torch.nn.functional on a device")
+    check.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    check.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    check.add_argument("--compile", action="store_true", help="also try torch.compile (slow: seconds per loss)")
+    check.add_argument("--loss", action="append", help="only this loss (repeatable)")
+
+    bench = sub.add_parser("bench", help="time funcloss against torch.nn.functional")
+    bench.add_argument("what", nargs="?", default="losses", choices=["losses"])
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    bench.add_argument("--loss", action="append", help="only this loss (repeatable)")
+
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        from ._bench.cases import CASES
+        from ._bench.check import run
+
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available here")
+        unknown = sorted(set(args.loss or []) - set(CASES))
+        if unknown:
+            parser.error(f"unknown loss {unknown}; choose from {sorted(CASES)}")
+        return run(args.device, DTYPES[args.dtype], names=args.loss, compile=args.compile)
+    if args.command == "bench":
+        from ._bench.timing import run_losses
+
+        return run_losses(args.device, rounds=args.rounds, names=args.loss)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

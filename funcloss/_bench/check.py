@@ -1,0 +1,103 @@
+"""``python -m funcloss check``: funcloss against torch.nn.functional on this device.
+
+For each loss: the largest deviation of value and gradients from torch on random inputs, and
+which torch.func transforms work for funcloss and for torch's own loss.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+from .cases import CASES, Example, LossCase, Sampler
+from .transforms import TRANSFORMS, apply, quiet_call, with_grad
+
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
+
+
+def _value_and_grads(fn: Callable[..., Tensor], ex: Example) -> tuple[Tensor, list[Tensor]]:
+    args = with_grad(ex.args, ex.diff)
+    out = quiet_call(fn, *args, **ex.kwargs)
+    grads = torch.autograd.grad(out.sum(), [args[i] for i in ex.diff], allow_unused=True, materialize_grads=True)
+    return out.detach(), list(grads)
+
+
+def deviation(case: LossCase, ex: Example) -> tuple[float, float]:
+    """Largest relative-to-scale absolute deviation of value and of gradients from torch."""
+    ours, our_grads = _value_and_grads(case.ours, ex)
+    theirs, their_grads = _value_and_grads(case.theirs, ex)
+
+    def dev(a: Tensor, b: Tensor) -> float:
+        if a.numel() == 0:
+            return 0.0
+        scale = max(1.0, float(b.double().abs().max()))
+        return float((a.double() - b.double()).abs().max()) / scale
+
+    return dev(ours, theirs), max((dev(g, h) for g, h in zip(our_grads, their_grads)), default=0.0)
+
+
+def status(transform: str, fn: Callable[..., Tensor], ex: Example) -> str:
+    """``ok``, ``loop`` (vmap fell back to a per-example loop) or ``fail``."""
+    if transform == "compile":
+        torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            apply(transform, fn, ex)
+        except Exception:
+            return "fail"
+    if any("performance drop" in str(w.message) for w in caught):
+        return "loop"
+    return "ok"
+
+
+def run(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    names: list[str] | None = None,
+    compile: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Print the report; return 0 if funcloss matched torch and passed every transform."""
+    torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
+    transforms = [t for t in TRANSFORMS if compile or t != "compile"]
+    tol = TOLERANCE[dtype]
+    cases = [CASES[n] for n in names] if names else list(CASES.values())
+    width = max(len(c.name) for c in cases)
+    print(f"funcloss check on {device}, {dtype} (torch {torch.__version__})", file=out)
+    print("cells: funcloss/torch; ok = works, loop = vmap falls back to a per-example loop", file=out)
+    header = f"{'loss':<{width}}  {'value dev':>9}  {'grad dev':>9}  " + "  ".join(f"{t:<10}" for t in transforms)
+    print(header, file=out)
+    print("-" * len(header), file=out, flush=True)
+    bad = 0
+    for case in cases:
+        opts: dict[str, Any] = case.defaults()
+        ex = case.make(Sampler(0, dtype, device), opts)
+        try:
+            dv, dg = deviation(case, ex)
+        except Exception as e:  # torch lacks this dtype on this device, for instance
+            print(f"{case.name:<{width}}  could not compare: {type(e).__name__}: {e}", file=out, flush=True)
+            continue
+        cells = []
+        for t in transforms:
+            tex = ex
+            if t in ("jacfwd", "jacrev") and "reduction" in opts:
+                tex = case.make(Sampler(0, dtype, device), {**opts, "reduction": "none"})
+            ours, theirs = status(t, case.ours, tex), status(t, case.theirs, tex)
+            bad += ours != "ok"
+            cells.append(f"{ours}/{theirs}")
+        bad += dv > tol or dg > tol
+        flag = "" if dv <= tol and dg <= tol else "  MISMATCH"
+        row = f"{case.name:<{width}}  {dv:>9.1e}  {dg:>9.1e}  " + "  ".join(f"{c:<10}" for c in cells)
+        print(row + flag, file=out, flush=True)
+    print(
+        f"\n{len(cases)} losses; {'all match torch and pass every transform' if not bad else f'{bad} problems'}",
+        file=out,
+    )
+    return 0 if not bad else 1

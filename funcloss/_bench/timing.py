@@ -1,0 +1,140 @@
+"""``python -m funcloss bench``: funcloss's time over torch.nn.functional's, measured side by side.
+
+Every figure is a ratio of medians taken in interleaved rounds (the two sides in random order
+each round), so a noisy, shared machine slows both alike. Absolute times are not reported.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, TextIO
+
+import torch
+import torch.func as tf
+from torch import Tensor
+
+from .cases import CASES, Example, LossCase, Sampler
+from .transforms import mapped, quiet_call, with_grad
+
+# Per loss family, the options that make a "small" (64 elements per row), a "large" (~1M
+# elements) and a "vmap" (64 examples of 64) input.
+ELEMENTWISE_SIZES: Mapping[str, Mapping[str, Any]] = {
+    "small": {"shape": (64,)},
+    "large": {"shape": (1024, 1024)},
+    "vmap": {"shape": (64, 64)},
+}
+
+
+def sizes(case: LossCase) -> Mapping[str, Mapping[str, Any]]:
+    return case.sizes if case.sizes else ELEMENTWISE_SIZES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timer(fn: Callable[[], object], device: torch.device, budget: float = 0.02) -> Callable[[], float]:
+    """A function returning seconds per call of ``fn``, repeating it to fill ``budget`` seconds."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - start, 1e-7)
+    reps = max(1, min(1000, int(budget / once)))
+
+    def measure() -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(device)
+        return (time.perf_counter() - t0) / reps
+
+    return measure
+
+
+def ratio(ours: Callable[[], object], theirs: Callable[[], object], device: torch.device, rounds: int) -> float:
+    """Median over interleaved rounds of time(ours) / time(theirs)."""
+    a, b = _timer(ours, device), _timer(theirs, device)
+    ratios = []
+    for _ in range(rounds):
+        if random.random() < 0.5:
+            ta, tb = a(), b()
+        else:
+            tb, ta = b(), a()
+        ratios.append(ta / tb)
+    return statistics.median(ratios)
+
+
+def forward_backward(fn: Callable[..., Tensor], ex: Example) -> Callable[[], object]:
+    args = with_grad(ex.args, ex.diff)
+    inputs = [args[i] for i in ex.diff]
+
+    def step() -> object:
+        out = quiet_call(fn, *args, **ex.kwargs)
+        return torch.autograd.grad(out.sum(), inputs, allow_unused=True)
+
+    return step
+
+
+def under_vmap(fn: Callable[..., Tensor], ex: Example, *, grad: bool) -> Callable[[], object]:
+    flat, args, dims = mapped(fn, ex)
+    g = tf.vmap(tf.grad(flat) if grad else flat, in_dims=dims)
+
+    def step() -> object:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return g(*args)
+
+    return step
+
+
+def _fmt(x: float | None) -> str:
+    return "   n/a" if x is None or math.isnan(x) else f"{x:6.2f}"
+
+
+def run_losses(
+    device: str = "cpu", *, rounds: int = 15, names: list[str] | None = None, out: TextIO = sys.stdout
+) -> int:
+    dev = torch.device(device)
+    cases = [CASES[n] for n in names] if names else list(CASES.values())
+    width = max(len(c.name) for c in cases)
+    print(f"funcloss bench on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)", file=out)
+    print("time of funcloss / time of torch.nn.functional, median of interleaved rounds; < 1 is faster", file=out)
+    header = f"{'loss':<{width}}  {'small':>6}  {'large':>6}  {'vmap':>6}  {'vmap(grad)':>10}  torch under vmap"
+    print(header, file=out)
+    print("-" * len(header), file=out, flush=True)
+    large: list[float] = []
+    for case in cases:
+        cells: list[float | None] = []
+        for size in ("small", "large"):
+            ex = case.make(Sampler(0, torch.float32, dev), {**case.defaults(), **sizes(case)[size]})
+            r = ratio(forward_backward(case.ours, ex), forward_backward(case.theirs, ex), dev, rounds)
+            cells.append(r)
+            if size == "large":
+                large.append(r)
+        ex = case.make(Sampler(0, torch.float32, dev), {**case.defaults(), **sizes(case)["vmap"]})
+        for grad in (False, True):
+            try:
+                cells.append(
+                    ratio(under_vmap(case.ours, ex, grad=grad), under_vmap(case.theirs, ex, grad=grad), dev, rounds)
+                )
+            except Exception:
+                cells.append(None)
+        note = "loops or fails" if "vmap" in case.torch_breaks else "batched"
+        print(
+            f"{case.name:<{width}}  {_fmt(cells[0])}  {_fmt(cells[1])}  {_fmt(cells[2])}  {_fmt(cells[3]):>10}  {note}",
+            file=out,
+            flush=True,
+        )
+    gmean = math.exp(sum(math.log(r) for r in large) / len(large))
+    print(f"\ngeometric mean at the large size: {gmean:.2f}; worst: {max(large):.2f}", file=out)
+    return 0

@@ -1,0 +1,382 @@
+"""Classification losses: nll_loss, cross_entropy and linear_cross_entropy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._checks import check_reduction, is_eager
+from .._combinators import reduce
+from .._typing import Reduction
+
+
+def _class_dim(fn: str, input: Tensor) -> int:
+    if input.dim() == 0:
+        raise ValueError(f"{fn}(...): expected input with 1 or more dimensions (C,) or (N, C, ...), got a scalar.")
+    return 0 if input.dim() == 1 else 1
+
+
+def _check_index_target(fn: str, input_shape: tuple[int, ...], target: Tensor, class_dim: int) -> None:
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(
+            f"{fn}(...): expected target dtype to be Long or Byte (class indices), got {target.dtype}. "
+            "Convert with target.long(); for class probabilities pass a float target of the input's shape."
+        )
+    if class_dim == 0:
+        if target.dim() != 0:
+            raise RuntimeError(
+                f"{fn}(...): expected a 0-dim target for unbatched input {input_shape}, got {tuple(target.shape)}."
+            )
+        return
+    if target.dim() == 0 or target.size(0) != input_shape[0]:
+        got = target.size(0) if target.dim() else "a scalar"
+        raise ValueError(f"{fn}(...): expected input batch_size ({input_shape[0]}) to match target batch_size ({got}).")
+    expected = (input_shape[0], *input_shape[2:])
+    if tuple(target.shape) != expected:
+        raise RuntimeError(f"{fn}(...): expected target size {list(expected)}, got {list(target.shape)}.")
+
+
+def _check_class_weight(fn: str, weight: Tensor | None, classes: int) -> None:
+    if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
+        raise RuntimeError(
+            f"{fn}(...): expected a weight tensor of shape ({classes},), one per class, got "
+            f"{tuple(weight.shape)}. weight tensor should be defined either for all {classes} classes or no classes."
+        )
+
+
+def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> None:
+    if not is_eager():
+        return
+    bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        first = int(target[bad].reshape(-1)[0])
+        raise IndexError(
+            f"Target {first} is out of bounds. Expected class indices in [0, {classes - 1}] or ignore_index "
+            f"({ignore_index})."
+        )
+
+
+def _picked(
+    logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, class_dim: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per position: ``-w[y] logp[y]`` (0 where ignored), the weight ``w[y]`` (0 where ignored)
+    and the keep mask."""
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    kept = keep.to(logp.dtype)
+    w = kept if weight is None else weight[safe] * kept
+    return -picked * w, w, keep
+
+
+def _over(total: Tensor, denominator: Tensor) -> Tensor:
+    """``total / denominator``, NaN when the denominator is 0 (every target ignored) but with a
+    zero gradient there, as torch's nll/cross-entropy backward gives."""
+    empty = denominator == 0
+    safe = torch.where(empty, torch.ones_like(denominator), denominator)
+    return total / safe + torch.where(empty, torch.full_like(denominator, float("nan")), torch.zeros_like(denominator))
+
+
+def _class_mean(values: Tensor, w: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return _over(values.sum(), w.sum())
+    return reduce(values, reduction)
+
+
+def nll_loss(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Negative log-likelihood of class indices, given log-probabilities.
+
+    .. math::
+        \\ell_n = -w_{y_n} x_{n, y_n} \\; [y_n \\ne \\text{ignore\\_index}], \\qquad
+        \\text{mean} = \\frac{\\sum_n \\ell_n}{\\sum_n w_{y_n} [y_n \\ne \\text{ignore\\_index}]}
+
+    The mean is weighted by the target classes' weights, as in torch: with weights, it is not
+    ``none`` followed by ``.mean()``. With every target ignored, the mean is NaN (0 / 0).
+
+    Args:
+        input: log-probabilities ``(N, C)``, ``(N, C, d1, ..., dK)`` or unbatched ``(C,)``.
+        target: class indices (int64 or uint8) ``(N,)``, ``(N, d1, ..., dK)`` or a scalar; each
+            in ``[0, C)`` or equal to ``ignore_index`` (checked in eager mode: ``IndexError``).
+        weight: ``(C,)`` per-class weights.
+        ignore_index: target value that contributes nothing.
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    See also: ``torch.nn.functional.nll_loss``.
+    """
+    check_reduction("nll_loss", reduction)
+    class_dim = _class_dim("nll_loss", input)
+    classes = input.size(class_dim)
+    _check_index_target("nll_loss", tuple(input.shape), target, class_dim)
+    _check_class_weight("nll_loss", weight, classes)
+    target = target.long()
+    _check_in_range(target, classes, ignore_index)
+    values, w, _ = _picked(input, target, weight, ignore_index, class_dim)
+    return _class_mean(values, w, reduction)
+
+
+def _class_view(weight: Tensor, input: Tensor, class_dim: int) -> Tensor:
+    shape = [1] * input.dim()
+    shape[class_dim] = -1
+    return weight.reshape(shape)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """Cross-entropy between logits and class indices or class probabilities.
+
+    With class indices ``y`` and smoothing ``eps`` (``p = log_softmax(x)`` over the class dim):
+
+    .. math::
+        \\ell_n = (1 - \\varepsilon)\\, (-w_{y_n} p_{n, y_n})
+                  + \\frac{\\varepsilon}{C} \\Big(-\\sum_c w_c\\, p_{n,c}\\Big)
+
+    both terms zero where ``y_n`` is ``ignore_index``; ``"mean"`` divides both sums by
+    ``sum_n w_{y_n}`` over kept positions. With class probabilities ``q`` (a float target of the
+    input's shape), ``q`` is smoothed to ``q (1 - eps) + eps / C`` and
+
+    .. math::
+        \\ell_n = -\\sum_c w_c\\, q_{n,c}\\, p_{n,c}
+
+    where ``"mean"`` divides by ``N d1 ... dK`` (not by the weights).
+
+    Args:
+        input: logits ``(N, C)``, ``(N, C, d1, ..., dK)`` or unbatched ``(C,)``.
+        target: class indices (int64/uint8) of shape ``(N, d1, ..., dK)`` (or a scalar), or class
+            probabilities of the input's shape.
+        weight: ``(C,)`` per-class weights.
+        ignore_index: class-index target that contributes nothing (not allowed, i.e. must be
+            negative, with probabilities).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+        label_smoothing: ``eps`` in [0, 1].
+
+    References:
+        Szegedy, C. et al. "Rethinking the Inception Architecture for Computer Vision" (label
+        smoothing), CVPR 2016.
+
+    See also: ``torch.nn.functional.cross_entropy``.
+    """
+    check_reduction("cross_entropy", reduction)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(
+            f"cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}. "
+            "label_smoothing must be between 0.0 and 1.0."
+        )
+    class_dim = _class_dim("cross_entropy", input)
+    classes = input.size(class_dim)
+    _check_class_weight("cross_entropy", weight, classes)
+    logp = torch.log_softmax(input, dim=class_dim)
+    if target.shape == input.shape:
+        return _cross_entropy_probs(logp, target, weight, ignore_index, reduction, label_smoothing, class_dim)
+    _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
+    target = target.long()
+    _check_in_range(target, classes, ignore_index)
+    values, w, keep = _picked(logp, target, weight, ignore_index, class_dim)
+    nll = _class_mean(values, w, reduction)
+    if label_smoothing == 0.0:
+        return nll
+    weighted_logp = logp if weight is None else logp * _class_view(weight, logp, class_dim)
+    smooth = -weighted_logp.sum(class_dim) * keep.to(logp.dtype)
+    smooth_reduced = _over(smooth.sum(), w.sum()) if reduction == "mean" else reduce(smooth, reduction)
+    return (1 - label_smoothing) * nll + smooth_reduced * (label_smoothing / classes)
+
+
+def _cross_entropy_probs(
+    logp: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: Reduction,
+    label_smoothing: float,
+    class_dim: int,
+) -> Tensor:
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"cross_entropy(...): expected a floating-point target for class probabilities, got {target.dtype}. "
+            "For class indices the target has no class dimension."
+        )
+    if ignore_index >= 0:
+        raise RuntimeError(
+            f"cross_entropy(...): ignore_index ({ignore_index}) is not supported for floating point target "
+            "(class probabilities). Zero the rows' probabilities or use a mask instead."
+        )
+    classes = logp.size(class_dim)
+    if label_smoothing > 0:
+        target = target * (1 - label_smoothing) + label_smoothing / classes
+    prod = logp * target
+    if weight is not None:
+        prod = prod * _class_view(weight, logp, class_dim)
+    values = -prod.sum(class_dim)
+    if reduction == "mean":
+        return values.sum() / (logp.numel() // classes) if logp.numel() else values.sum() * float("nan")
+    return reduce(values, reduction)
+
+
+# ----------------------------------------------------------------------------- linear CE
+
+
+def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> Tensor:
+    logits = input @ linear_weight.T
+    return logits if linear_bias is None else logits + linear_bias
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Per-row cross-entropy of ``input @ W.T + b`` without keeping ``(N, C)`` logits.
+
+    The forward keeps only each row's logsumexp; the backward recomputes the logits one chunk
+    of rows at a time. Returns the per-row unweighted NLL and the per-row smoothing sum
+    ``-sum_c w_c logp_c``.
+    """
+
+    @staticmethod
+    def forward(
+        input: Tensor,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        n = input.size(0)
+        nll = input.new_empty(n)
+        smooth = input.new_empty(n)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            logp = torch.log_softmax(_linear_logits(input[rows], linear_weight, linear_bias), dim=-1)
+            nll[rows] = -logp.gather(1, target[rows, None])[:, 0]
+            wl = logp if class_weight is None else logp * class_weight
+            smooth[rows] = -wl.sum(-1)
+        return nll, smooth
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        input, linear_weight, linear_bias, target, class_weight, chunk = inputs
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight)
+        ctx.chunk = chunk
+
+    @staticmethod
+    def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor) -> tuple[Tensor | None, ...]:
+        input, linear_weight, linear_bias, target, class_weight = ctx.saved_tensors
+        chunk: int = ctx.chunk
+        g_input = torch.empty_like(input)
+        g_weight = torch.zeros_like(linear_weight)
+        g_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+        classes = linear_weight.size(0)
+        for start in range(0, input.size(0), chunk):
+            rows = slice(start, start + chunk)
+            x = input[rows]
+            p = torch.softmax(_linear_logits(x, linear_weight, linear_bias), dim=-1)
+            # d(nll)/d(logits) = p - onehot(y); d(smooth)/d(logits) = p * sum(w) - w.
+            w_sum = float(classes) if class_weight is None else class_weight.sum()
+            g_logits = p * (g_nll[rows, None] + g_smooth[rows, None] * w_sum)
+            g_logits = g_logits.scatter_add(1, target[rows, None], -g_nll[rows, None])
+            if class_weight is None:
+                g_logits = g_logits - g_smooth[rows, None]
+            else:
+                g_logits = g_logits - g_smooth[rows, None] * class_weight
+            g_input[rows] = g_logits @ linear_weight
+            g_weight = g_weight + g_logits.T @ x
+            if g_bias is not None:
+                g_bias = g_bias + g_logits.sum(0)
+        return g_input, g_weight, g_bias, None, None, None
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: Reduction = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
+    the full ``(N, C)`` logits.
+
+    In eager mode with class-index targets, rows are processed ``chunk_size`` at a time: the
+    forward keeps one logsumexp per row and the backward recomputes each chunk's logits, so peak
+    memory is ``O(chunk_size x C)`` instead of ``O(N x C)`` (the point for large vocabularies).
+    Under torch.func transforms and torch.compile the same value is computed as a plain
+    composition (each vmapped example is one row anyway), so ``grad``, ``vmap``, ``jvp`` and
+    ``hessian`` all work.
+
+    Args:
+        input: ``(N, H)`` or unbatched ``(H,)``.
+        linear_weight: ``(C, H)``.
+        target: class indices ``(N,)`` (or a scalar), or probabilities ``(N, C)``.
+        linear_bias: ``(C,)``.
+        weight, reduction, ignore_index, label_smoothing: as in `cross_entropy`
+            (``ignore_index=None`` means -100, and is an error with probabilities).
+        chunk_size: rows per chunk (default: enough rows for about 32M logits, at least 1).
+
+    See also: ``torch.nn.functional.linear_cross_entropy``.
+    """
+    check_reduction("linear_cross_entropy", reduction)
+    if input.dim() not in (1, 2):
+        raise RuntimeError(f"linear_cross_entropy(...): expected input with dimensionality 1 or 2, got {input.dim()}.")
+    if linear_weight.dim() != 2:
+        raise RuntimeError(
+            f"linear_cross_entropy(...): expected a 2-D linear_weight (C, H), got shape {tuple(linear_weight.shape)}."
+        )
+    if input.size(-1) != linear_weight.size(-1):
+        raise RuntimeError(
+            "linear_cross_entropy(...): expected equal input and linear_weight last dimensions (in_features), "
+            f"got {input.size(-1)} and {linear_weight.size(-1)}."
+        )
+    classes = linear_weight.size(0)
+    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
+        raise RuntimeError(
+            f"linear_cross_entropy(...): expected linear_bias shape ({classes},), got {tuple(linear_bias.shape)}."
+        )
+    logits_shape = (*input.shape[:-1], classes)
+    probabilities = tuple(target.shape) == logits_shape
+    if probabilities and ignore_index is not None:
+        raise RuntimeError(
+            "linear_cross_entropy(...): ignore_index cannot be specified when target contains probabilities."
+        )
+    index = -100 if ignore_index is None else ignore_index
+    chunked = is_eager() and not probabilities and input.dim() == 2 and target.dtype in (torch.int64, torch.uint8)
+    if not chunked:
+        logits = _linear_logits(input, linear_weight, linear_bias)
+        return cross_entropy(
+            logits, target, weight, ignore_index=index, reduction=reduction, label_smoothing=label_smoothing
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"linear_cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}.")
+    _check_index_target("linear_cross_entropy", logits_shape, target, 1)
+    _check_class_weight("linear_cross_entropy", weight, classes)
+    target = target.long()
+    _check_in_range(target, classes, index)
+    keep = target != index
+    safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    chunk = chunk_size if chunk_size is not None else max(1, (1 << 25) // max(classes, 1))
+    nll, smooth = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
+        input, linear_weight, linear_bias, safe, weight, int(chunk)
+    )
+    kept = keep.to(input.dtype)
+    w = kept if weight is None else weight[safe] * kept
+    values = nll * w
+    result = _class_mean(values, w, reduction)
+    if label_smoothing == 0.0:
+        return result
+    smooth = smooth * kept
+    smooth_reduced = _over(smooth.sum(), w.sum()) if reduction == "mean" else reduce(smooth, reduction)
+    return (1 - label_smoothing) * result + smooth_reduced * (label_smoothing / classes)

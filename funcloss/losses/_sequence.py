@@ -1,0 +1,281 @@
+"""Connectionist temporal classification (CTC) loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import check_reduction, check_values, is_eager
+from .._typing import Reduction
+
+
+def _neg(dtype: torch.dtype) -> float:
+    """A finite stand-in for log(0): far below any real log-likelihood, far above overflow.
+
+    With -inf, unreachable states would give 0 * inf = NaN in the backward pass; with this,
+    their weight is exp(-huge) = 0 exactly and every gradient stays finite.
+    """
+    return -1e30 if dtype in (torch.float32, torch.float64) else -1e4
+
+
+def _as_lengths(fn: str, name: str, lengths: Tensor | list[int] | tuple[int, ...], device: torch.device) -> Tensor:
+    t = lengths if isinstance(lengths, Tensor) else torch.tensor(list(lengths), device=device)
+    if t.is_floating_point():
+        raise RuntimeError(f"{fn}(...): expected integer {name}, got {t.dtype}.")
+    return t.to(device=device, dtype=torch.int64)
+
+
+def _padded_targets(targets: Tensor, target_lengths: Tensor, batch: int) -> Tensor:
+    """``(N, S)`` targets from padded ``(N, S)`` or concatenated 1-D targets."""
+    if targets.dim() == 2:
+        return targets
+    # Concatenated: row n is targets[offset_n : offset_n + len_n].
+    width = int(target_lengths.max()) if is_eager() and batch else targets.numel()
+    offsets = torch.cumsum(target_lengths, 0) - target_lengths
+    pos = offsets.unsqueeze(1) + torch.arange(width, device=targets.device)
+    inside = torch.arange(width, device=targets.device) < target_lengths.unsqueeze(1)
+    pos = torch.where(inside, pos, torch.zeros_like(pos)).clamp_max(max(targets.numel() - 1, 0))
+    return targets[pos] if targets.numel() else targets.new_zeros((batch, width))
+
+
+def ctc_loss(
+    log_probs: Tensor,
+    targets: Tensor,
+    input_lengths: Tensor | list[int] | tuple[int, ...],
+    target_lengths: Tensor | list[int] | tuple[int, ...],
+    blank: int = 0,
+    reduction: Reduction = "mean",
+    zero_infinity: bool = False,
+) -> Tensor:
+    """CTC loss: ``-log p(target | input)`` summed over every alignment.
+
+    With the target ``y`` extended by blanks to ``l' = (b, y_1, b, y_2, ..., b)`` (length
+    ``L = 2S + 1``), the forward variables obey, in log space,
+
+    .. math::
+        \\alpha_t(s) = \\log\\!\\sum_{k \\in K(s)} e^{\\alpha_{t-1}(k)} + \\log p_t(l'_s),
+        \\qquad \\ell = -\\log\\left(e^{\\alpha_{T-1}(L-1)} + e^{\\alpha_{T-1}(L-2)}\\right)
+
+    where ``K(s) = {s, s-1}``, plus ``s-2`` when ``l'_s`` is not blank and differs from
+    ``l'_{s-2}``. The recursion is vectorised over the batch and the label positions; only time
+    is a loop, so autograd, ``vmap``, ``jvp`` and ``hessian`` all work.
+
+    ``"mean"`` divides each sequence's loss by its target length (at least 1), then averages
+    over the batch. An impossible alignment (input too short for the target) gives ``inf``, or
+    0 under ``zero_infinity``; either way its gradient is zero (torch's is NaN without
+    ``zero_infinity``, which turns every parameter's gradient NaN once summed over the batch).
+
+    Gradients differ from torch's by design when ``log_probs`` is not a ``log_softmax``
+    output: torch's backward returns ``exp(log_probs) - gamma`` (the gradient with respect to
+    the logits, assuming a log_softmax before), funcloss returns the true derivative ``-gamma``.
+    Chained through ``log_softmax`` (the documented use) the two agree.
+
+    Args:
+        log_probs: ``(T, N, C)`` or unbatched ``(T, C)`` log-probabilities (time-major).
+        targets: ``(N, S)`` padded, or 1-D concatenated (``sum(target_lengths)``), class indices
+            other than ``blank``.
+        input_lengths: ``(N,)``, each ``<= T``.
+        target_lengths: ``(N,)``, each ``<= S``.
+        blank: index of the blank class.
+        reduction: ``"none"`` (one loss per sequence) | ``"mean"`` | ``"sum"``.
+        zero_infinity: replace infinite losses (and their gradients) by 0.
+
+    References:
+        Graves, A. et al. "Connectionist Temporal Classification: Labelling Unsegmented Sequence
+        Data with Recurrent Neural Networks", ICML 2006.
+
+    See also: ``torch.nn.functional.ctc_loss``.
+    """
+    check_reduction("ctc_loss", reduction)
+    if log_probs.dim() not in (2, 3):
+        raise RuntimeError(f"ctc_loss(...): expected log_probs (T, N, C) or (T, C), got {tuple(log_probs.shape)}.")
+    device = log_probs.device
+    in_len = _as_lengths("ctc_loss", "input_lengths", input_lengths, device)
+    tgt_len = _as_lengths("ctc_loss", "target_lengths", target_lengths, device)
+    unbatched = log_probs.dim() == 2
+    if unbatched:
+        log_probs = log_probs.unsqueeze(1)
+        targets = targets.reshape(1, -1)
+        in_len, tgt_len = in_len.reshape(1), tgt_len.reshape(1)
+    steps, batch, classes = log_probs.shape
+    if log_probs.numel() == 0:
+        raise RuntimeError(f"ctc_loss(...): expected non-empty log_probs, got shape {tuple(log_probs.shape)}.")
+    if not 0 <= blank < classes:
+        raise RuntimeError(f"ctc_loss(...): expected blank in [0, {classes - 1}], got {blank}.")
+    if in_len.shape != (batch,) or tgt_len.shape != (batch,):
+        raise RuntimeError(
+            f"ctc_loss(...): expected input_lengths and target_lengths of shape ({batch},), got "
+            f"{tuple(in_len.shape)} and {tuple(tgt_len.shape)}."
+        )
+    check_values(
+        (in_len >= 0) & (in_len <= steps) & (tgt_len >= 0),
+        RuntimeError,
+        f"ctc_loss(...): expected 0 <= input_lengths <= {steps} and target_lengths >= 0.",
+    )
+    padded = _padded_targets(targets.long(), tgt_len, batch)
+    width = padded.size(1)
+    check_values(
+        tgt_len <= width,
+        RuntimeError,
+        f"ctc_loss(...): expected target_lengths <= the padded target width {width}.",
+    )
+    valid = torch.arange(width, device=device) < tgt_len.unsqueeze(1)
+    labels = torch.where(valid, padded, torch.full_like(padded, blank)).clamp(0, classes - 1)
+    check_values(
+        ~(valid & (padded == blank)),
+        RuntimeError,
+        f"ctc_loss(...): expected targets other than the blank ({blank}) within target_lengths.",
+    )
+    ll = _log_likelihood(log_probs, labels, in_len, tgt_len, blank)
+    neg = _neg(log_probs.dtype)
+    infeasible = ll < neg / 2
+    fill = torch.zeros_like(ll) if zero_infinity else torch.full_like(ll, float("inf"))
+    loss = torch.where(infeasible, fill, -ll)
+    if reduction == "mean":
+        return (loss / tgt_len.clamp_min(1).to(loss.dtype)).mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss[0] if unbatched else loss
+
+
+def _extended(labels: Tensor, blank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The blank-extended labels ``(N, 2S + 1)`` and the additive mask of allowed skips."""
+    batch, width = labels.shape
+    blanks = torch.full_like(labels, blank)
+    tail = torch.full((batch, 1), blank, dtype=labels.dtype, device=labels.device)
+    ext = torch.cat([torch.stack([blanks, labels], dim=-1).reshape(batch, 2 * width), tail], dim=1)
+    # s - 2 -> s is allowed when l'_s is a label different from l'_{s-2}.
+    prev2 = F.pad(ext, (2, 0), value=blank)[:, :-2]
+    allowed = (ext != blank) & (ext != prev2)
+    skip = torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), _neg(dtype), dtype=dtype))
+    return ext, skip
+
+
+def _start(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Log-weights of the states a path may start in: the first blank and the first label."""
+    first_two = torch.arange(size, device=device) < 2
+    return torch.where(first_two, torch.zeros((), dtype=dtype), torch.full((), _neg(dtype), dtype=dtype))
+
+
+def _finish(alphas: Tensor, in_len: Tensor, tgt_len: Tensor) -> Tensor:
+    """``log p`` from the alphas ``(T, N, L)``: the last two states at each sequence's last step."""
+    neg = _neg(alphas.dtype)
+    last_t = (in_len - 1).clamp_min(0)
+    final = alphas.gather(0, last_t.view(1, -1, 1).expand(1, -1, alphas.size(2)))[0]  # (N, L)
+    last = (2 * tgt_len).unsqueeze(1)  # index L_n - 1 of the extended target
+    end = final.gather(1, last)[:, 0]
+    before = final.gather(1, (last - 1).clamp_min(0))[:, 0]
+    before = torch.where(tgt_len > 0, before, torch.full_like(before, neg))
+    ll = _logsumexp(end, before)
+    # No input at all: the empty target has probability 1, any other target 0.
+    empty = torch.where(tgt_len == 0, torch.zeros_like(ll), torch.full_like(ll, neg))
+    return torch.where(in_len > 0, ll, empty)
+
+
+def _logsumexp(*terms: Tensor) -> Tensor:
+    """log(sum(exp(terms))) whose first and second derivatives stay finite when a term is ~neg.
+
+    (``torch.logaddexp``'s second derivative is NaN there: exp(huge) / (1 + exp(huge))^2.)
+    """
+    return torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def _alpha_step(alpha: Tensor, skip: Tensor, emit_t: Tensor, neg: float) -> Tensor:
+    shifted = F.pad(alpha, (2, 0), value=neg)
+    return _logsumexp(alpha, shifted[:, 1:-1], shifted[:, :-2] + skip) + emit_t
+
+
+def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: Tensor, blank: int) -> Tensor:
+    """``log p(labels | log_probs)`` per sequence, by the alpha recursion."""
+    ext, skip = _extended(labels, blank, log_probs.dtype)
+    if is_eager():
+        ll: Tensor = _CTCFunction.apply(log_probs, ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
+        return ll
+    steps, batch, _ = log_probs.shape
+    size = ext.size(1)
+    neg = _neg(log_probs.dtype)
+    emit = log_probs.gather(2, ext.unsqueeze(0).expand(steps, batch, size))  # (T, N, L)
+    alpha = emit[0] + _start(size, log_probs.dtype, log_probs.device)
+    alphas = [alpha]
+    for t in range(1, steps):
+        alpha = _alpha_step(alpha, skip, emit[t], neg)
+        alphas.append(alpha)
+    return _finish(torch.stack(alphas), in_len, tgt_len)
+
+
+def _alphas_no_grad(emit: Tensor, skip: Tensor) -> Tensor:
+    """All alphas, ``(T, N, L + 2)`` with two leading columns of ~log(0), four kernels a step.
+
+    The padding makes ``alpha_{t-1}(s - 1)`` and ``alpha_{t-1}(s - 2)`` plain views.
+    """
+    steps, batch, size = emit.shape
+    padded = torch.full((steps, batch, size + 2), _neg(emit.dtype), dtype=emit.dtype, device=emit.device)
+    alphas, minus1, minus2 = padded[:, :, 2:], padded[:, :, 1:-1], padded[:, :, :-2]
+    torch.add(emit[0], _start(size, emit.dtype, emit.device), out=alphas[0])
+    for a, a1, a2, out, e in zip(alphas, minus1, minus2, alphas[1:], emit[1:]):
+        step = torch.logaddexp(a, a1)
+        torch.logaddexp(step, a2 + skip, out=step)
+        torch.add(step, e, out=out)
+    return padded
+
+
+class _CTCFunction(torch.autograd.Function):
+    """The alpha recursion without autograd recording, and its gradient from the beta recursion.
+
+    Used in eager mode only (it is several times faster there: no graph of T steps to record
+    and replay). Its backward is the posterior occupancy of each (time, label) and is not
+    itself differentiable; transforms and compile take the recorded path instead.
+    """
+
+    @staticmethod
+    def forward(log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor) -> tuple[Tensor, Tensor]:
+        steps, batch, _ = log_probs.shape
+        emit = log_probs.gather(2, ext.unsqueeze(0).expand(steps, batch, ext.size(1)))
+        padded = _alphas_no_grad(emit, skip)
+        return _finish(padded[:, :, 2:], in_len, tgt_len), padded
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        log_probs, ext, skip, in_len, tgt_len = inputs
+        ll, alphas = output
+        ctx.mark_non_differentiable(alphas)
+        ctx.save_for_backward(log_probs, ext, skip, in_len, tgt_len, ll, alphas)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_ll: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        log_probs, ext, skip, in_len, tgt_len, ll, padded = ctx.saved_tensors
+        steps, batch, _ = log_probs.shape
+        size = ext.size(1)
+        dtype, device = log_probs.dtype, log_probs.device
+        neg = _neg(dtype)
+        index = ext.unsqueeze(0).expand(steps, batch, size)
+        emit = log_probs.gather(2, index)
+        # beta_t(s): log-probability of finishing from state s at step t (emission at t
+        # excluded). It starts at each sequence's last step; later steps hold ~neg, which
+        # absorbs whatever is added to it.
+        last = 2 * tgt_len
+        s_idx = torch.arange(size, device=device)
+        ends = (s_idx == last.unsqueeze(1)) | ((s_idx == (last - 1).unsqueeze(1)) & (tgt_len > 0).unsqueeze(1))
+        end_beta = torch.where(ends, torch.zeros((), dtype=dtype), torch.full((), neg, dtype=dtype))
+        last_step = in_len - 1
+        starting = set(last_step.tolist())
+        skip_next = F.pad(skip, (0, 2), value=neg)[:, 2:]  # may s jump to s + 2?
+        betas = torch.empty_like(emit)
+        torch.where((last_step == steps - 1).unsqueeze(1), end_beta, torch.full((), neg, dtype=dtype), out=betas[-1])
+        ahead = torch.full((batch, size + 2), neg, dtype=dtype, device=device)
+        here, next1, next2 = ahead[:, :size], ahead[:, 1 : size + 1], ahead[:, 2:]
+        for t in range(steps - 2, -1, -1):
+            torch.add(betas[t + 1], emit[t + 1], out=here)
+            step = torch.logaddexp(here, next1)
+            torch.logaddexp(step, next2 + skip_next, out=betas[t])
+            if t in starting:
+                torch.where((last_step == t).unsqueeze(1), end_beta, betas[t], out=betas[t])
+        occupancy = betas.add_(padded[:, :, 2:]).sub_(ll.view(1, -1, 1))
+        feasible = (ll >= neg / 2).view(1, -1, 1)
+        posterior = torch.where(feasible, occupancy.exp_(), torch.zeros((), dtype=dtype))
+        weights = grad_ll.view(1, -1, 1) * posterior
+        return torch.zeros_like(log_probs).scatter_add_(2, index, weights), None, None, None, None
