@@ -1,0 +1,328 @@
+"""Named tests for the structured losses' traps (see TORCH_SEMANTICS.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.func as tf
+import torch.nn.functional as F
+
+import funcloss as fl
+
+D = torch.float64
+
+
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- cross-entropy / nll
+
+
+def test_weighted_mean_is_not_none_then_mean() -> None:
+    x = torch.randn(6, 4, generator=_g(), dtype=D)
+    y = torch.tensor([0, 1, 1, 3, 2, 0])
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=D)
+    ours = fl.cross_entropy(x, y, w)
+    none = fl.cross_entropy(x, y, w, reduction="none")
+    torch.testing.assert_close(ours, none.sum() / w[y].sum())
+    assert not torch.isclose(ours, none.mean())
+    torch.testing.assert_close(ours, F.cross_entropy(x, y, w))
+
+
+def test_batch_of_one_weights_cancel() -> None:
+    x, y = torch.randn(1, 4, generator=_g(), dtype=D), torch.tensor([2])
+    w = torch.tensor([1.0, 2.0, 7.0, 3.0], dtype=D)
+    torch.testing.assert_close(fl.cross_entropy(x, y, w), fl.cross_entropy(x, y))
+
+
+def test_probability_targets_mean_divides_by_positions_not_weights() -> None:
+    x = torch.randn(3, 4, 2, generator=_g(), dtype=D)
+    q = torch.softmax(torch.randn(3, 4, 2, generator=_g(1), dtype=D), dim=1)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=D)
+    ours = fl.cross_entropy(x, q, w, label_smoothing=0.2)
+    qs = q * 0.8 + 0.2 / 4
+    expected = -(x.log_softmax(1) * qs * w.view(1, 4, 1)).sum() / (3 * 2)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours, F.cross_entropy(x, q, w, label_smoothing=0.2))
+
+
+def test_label_smoothing_excludes_ignored_rows_and_uses_weighted_denominator() -> None:
+    x = torch.randn(5, 3, generator=_g(), dtype=D)
+    y = torch.tensor([0, -100, 2, 1, -100])
+    w = torch.tensor([0.5, 2.0, 1.5], dtype=D)
+    eps = 0.3
+    logp = x.log_softmax(1)
+    keep = y != -100
+    ys = y.clamp_min(0)
+    nll = (-(logp.gather(1, ys[:, None])[:, 0]) * w[ys] * keep).sum()
+    smooth = (-(logp * w).sum(1) * keep).sum()
+    expected = ((1 - eps) * nll + eps / 3 * smooth) / (w[ys] * keep).sum()
+    ours = fl.cross_entropy(x, y, w, label_smoothing=eps)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours, F.cross_entropy(x, y, w, label_smoothing=eps))
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_all_targets_ignored(fn: str) -> None:
+    x = torch.randn(3, 4, generator=_g(), dtype=D)
+    y = torch.full((3,), -100)
+    loss = getattr(fl, fn)
+    assert torch.isnan(loss(x, y))
+    assert loss(x, y, reduction="sum").item() == 0
+    grad = tf.grad(lambda z: loss(z, y))(x)
+    assert torch.equal(grad, torch.zeros_like(x))
+    xt = x.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(getattr(F, fn)(xt, y), xt)
+    torch.testing.assert_close(grad, theirs)
+
+
+def test_unbatched_and_k_dimensional() -> None:
+    x = torch.randn(5, generator=_g(), dtype=D)
+    torch.testing.assert_close(fl.cross_entropy(x, torch.tensor(3)), F.cross_entropy(x, torch.tensor(3)))
+    xk = torch.randn(2, 5, 3, 4, generator=_g(), dtype=D)
+    yk = torch.randint(0, 5, (2, 3, 4), generator=_g())
+    torch.testing.assert_close(fl.cross_entropy(xk, yk, reduction="none"), F.cross_entropy(xk, yk, reduction="none"))
+
+
+@pytest.mark.parametrize(
+    ("target", "kwargs", "exc", "match"),
+    [
+        (torch.tensor([1, 2, 5]), {}, IndexError, "Target 5 is out of bounds"),
+        (torch.tensor([1, -3, 2]), {}, IndexError, "Target -3 is out of bounds"),
+        (torch.tensor([1, 2, 3], dtype=torch.int32), {}, RuntimeError, "Long or Byte"),
+        (torch.tensor([1, 2]), {}, ValueError, r"batch_size \(3\) to match target batch_size \(2\)"),
+        (torch.rand(3, 5), {"ignore_index": 1}, RuntimeError, "not supported for floating point target"),
+        (torch.tensor([1, 2, 3]), {"label_smoothing": 1.5}, RuntimeError, "label_smoothing"),
+        (torch.tensor([1, 2, 3]), {"weight": torch.ones(4)}, RuntimeError, "weight tensor of shape"),
+    ],
+)
+def test_cross_entropy_errors_like_torch(
+    target: torch.Tensor, kwargs: dict[str, object], exc: type[Exception], match: str
+) -> None:
+    x = torch.randn(3, 5)
+    with pytest.raises(exc):
+        F.cross_entropy(x, target, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(exc, match=match):
+        fl.cross_entropy(x, target, **kwargs)  # type: ignore[arg-type]
+
+
+def test_out_of_range_targets_are_unchecked_under_vmap() -> None:
+    """The value check reads tensor values, so it steps aside under transforms."""
+    x, y = torch.randn(3, 5), torch.tensor([1, 2, 4])
+    out = tf.vmap(fl.cross_entropy)(x, y)
+    torch.testing.assert_close(out, F.cross_entropy(x, y, reduction="none"))
+
+
+# ---------------------------------------------------------------- margins
+
+
+def test_multilabel_margin_ignores_entries_after_the_first_minus_one() -> None:
+    x = torch.randn(2, 5, generator=_g(), dtype=D)
+    a = torch.tensor([[3, 0, -1, 1, 2], [4, -1, 0, 0, 0]])
+    b = torch.tensor([[3, 0, -1, 4, 4], [4, -1, 2, 3, 1]])
+    torch.testing.assert_close(fl.multilabel_margin_loss(x, a), fl.multilabel_margin_loss(x, b))
+    torch.testing.assert_close(fl.multilabel_margin_loss(x, a), F.multilabel_margin_loss(x, a))
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_multi_margin_weight_multiplies_after_the_power(p: int) -> None:
+    x = torch.randn(3, 4, generator=_g(), dtype=D)
+    y = torch.tensor([0, 3, 1])
+    w = torch.tensor([2.0, 0.5, 1.0, 3.0], dtype=D)
+    z = (1.0 - x.gather(1, y[:, None]) + x).clamp_min(0) ** p
+    z = z * (torch.arange(4) != y[:, None]) * w[y][:, None]
+    torch.testing.assert_close(fl.multi_margin_loss(x, y, p=p, weight=w, reduction="none"), z.sum(1) / 4)
+    torch.testing.assert_close(fl.multi_margin_loss(x, y, p=p, weight=w), F.multi_margin_loss(x, y, p=p, weight=w))
+
+
+def test_multi_margin_errors() -> None:
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="p to be 1 or 2"):
+        fl.multi_margin_loss(x, y, p=3)
+    with pytest.raises(ValueError, match="one-dimensional weight"):
+        fl.multi_margin_loss(x, y, weight=torch.ones(1, 4))
+    with pytest.raises(RuntimeError, match="target out of range"):
+        fl.multi_margin_loss(x, torch.tensor([0, 1, 4]))
+
+
+@pytest.mark.parametrize("fn", ["multi_margin_loss", "multilabel_margin_loss"])
+def test_margin_mean_of_empty_batch_is_nan(fn: str) -> None:
+    """torch's kernels return uninitialised memory here; funcloss returns the NaN of an empty mean."""
+    target = torch.zeros(0, dtype=torch.int64) if fn == "multi_margin_loss" else torch.zeros(0, 4, dtype=torch.int64)
+    assert torch.isnan(getattr(fl, fn)(torch.randn(0, 4), target))
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+def test_triplet_adds_eps_to_the_difference_and_swaps() -> None:
+    a, p, n = (torch.randn(4, 3, generator=_g(i), dtype=D) for i in range(3))
+    eps = 1e-2
+
+    def d(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (u - v + eps).norm(dim=-1)
+
+    expected = (1.0 + d(a, p) - torch.minimum(d(a, n), d(p, n))).clamp_min(0)
+    ours = fl.triplet_margin_loss(a, p, n, eps=eps, swap=True, reduction="none")
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(ours, F.triplet_margin_loss(a, p, n, eps=eps, swap=True, reduction="none"))
+
+
+def test_triplet_with_any_distance_callable() -> None:
+    a, p, n = (torch.randn(4, 3, generator=_g(i), dtype=D) for i in range(3))
+
+    def manhattan(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return (u - v).abs().sum(-1)
+
+    ours = fl.triplet_margin_with_distance_loss(a, p, n, distance_function=manhattan, margin=0.5)
+    theirs = F.triplet_margin_with_distance_loss(a, p, n, distance_function=manhattan, margin=0.5)
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match="margin > 0"):
+        fl.triplet_margin_with_distance_loss(a, p, n, margin=0.0)
+
+
+# ---------------------------------------------------------------- CTC
+
+
+def _ctc_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = torch.randn(12, 3, 6, generator=_g(), dtype=D)
+    targets = torch.tensor([[1, 2, 2, 3], [4, 5, 0, 0], [1, 0, 0, 0]])
+    return logits, targets, torch.tensor([12, 9, 5]), torch.tensor([4, 2, 1])
+
+
+def test_ctc_mean_divides_by_target_length_then_averages() -> None:
+    logits, t, il, tl = _ctc_inputs()
+    lp = logits.log_softmax(-1)
+    none = fl.ctc_loss(lp, t, il, tl, reduction="none")
+    torch.testing.assert_close(fl.ctc_loss(lp, t, il, tl), (none / tl).mean())
+    torch.testing.assert_close(fl.ctc_loss(lp, t, il, tl), F.ctc_loss(lp, t, il, tl))
+
+
+def test_ctc_concatenated_targets_equal_padded() -> None:
+    logits, t, il, tl = _ctc_inputs()
+    lp = logits.log_softmax(-1)
+    flat = torch.cat([t[i, : tl[i]] for i in range(3)])
+    torch.testing.assert_close(
+        fl.ctc_loss(lp, flat, il, tl, reduction="none"), fl.ctc_loss(lp, t, il, tl, reduction="none")
+    )
+
+
+def test_ctc_unbatched() -> None:
+    logits, t, il, tl = _ctc_inputs()
+    lp = logits[:, 0].log_softmax(-1)
+    ours = fl.ctc_loss(lp, t[0], il[0], tl[0], reduction="none")
+    assert ours.shape == ()
+    torch.testing.assert_close(ours, F.ctc_loss(lp, t[0], il[0], tl[0], reduction="none"))
+
+
+def test_ctc_infeasible_is_inf_with_zero_gradient_and_zero_infinity_zeroes_it() -> None:
+    """An infeasible sequence is inf, as in torch; its gradient is zero (torch's is NaN)."""
+    logits, t, _, tl = _ctc_inputs()
+    il = torch.tensor([4, 9, 5])  # [1, 2, 2, 3] needs 5 steps
+    for zero_infinity, value in ((False, float("inf")), (True, 0.0)):
+        losses = fl.ctc_loss(logits.log_softmax(-1), t, il, tl, reduction="none", zero_infinity=zero_infinity)
+        assert losses[0].item() == value
+        grad = tf.grad(lambda z, zi=zero_infinity: fl.ctc_loss(z.log_softmax(-1), t, il, tl, zero_infinity=zi))(logits)
+        assert torch.equal(grad[:, 0], torch.zeros_like(grad[:, 0]))
+        assert torch.isfinite(grad).all()
+    x = logits.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.ctc_loss(x.log_softmax(-1), t, il, tl), x)
+    assert torch.isnan(theirs[:4, 0]).all()
+
+
+def test_ctc_gradient_with_respect_to_log_probs_is_the_true_derivative() -> None:
+    """torch returns exp(log_probs) - gamma; funcloss the true derivative -gamma."""
+    logits, t, il, tl = _ctc_inputs()
+    lp = logits.log_softmax(-1)
+    ours = tf.grad(lambda z: fl.ctc_loss(z, t, il, tl, reduction="sum"))(lp)
+    lpt = lp.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.ctc_loss(lpt, t, il, tl, reduction="sum"), lpt)
+    active = (torch.arange(12)[:, None] < il[None, :])[..., None]
+    torch.testing.assert_close(ours, (theirs - lp.exp() * active))
+    # Eager mode (the fast path) agrees with the transform path.
+    lpe = lp.clone().requires_grad_(True)
+    (eager,) = torch.autograd.grad(fl.ctc_loss(lpe, t, il, tl, reduction="sum"), lpe)
+    torch.testing.assert_close(eager, ours)
+
+
+def test_ctc_finite_differences_agree_with_gradient() -> None:
+    logits, t, il, tl = _ctc_inputs()
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        return fl.ctc_loss(z, t, il, tl)
+
+    lp = logits.log_softmax(-1)
+    assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),))  # type: ignore[no-untyped-call]
+
+
+def test_ctc_errors() -> None:
+    logits, t, il, tl = _ctc_inputs()
+    with pytest.raises(RuntimeError, match="non-empty log_probs"):
+        fl.ctc_loss(
+            torch.randn(5, 0, 4),
+            torch.zeros(0, 2, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, dtype=torch.int64),
+        )
+    with pytest.raises(RuntimeError, match="other than the blank"):
+        fl.ctc_loss(logits.log_softmax(-1), t, il, tl, blank=2)
+    with pytest.raises(RuntimeError, match="input_lengths <="):
+        fl.ctc_loss(logits.log_softmax(-1), t, torch.tensor([13, 9, 5]), tl)
+
+
+def test_ctc_eager_double_backward_is_refused_not_wrong() -> None:
+    """The eager fast path's backward is first-order; torch.func.hessian takes the other path."""
+    logits, t, il, tl = _ctc_inputs()
+    lp = logits.log_softmax(-1).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(fl.ctc_loss(lp, t, il, tl), lp, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), lp)
+
+
+# ---------------------------------------------------------------- linear CE and adaptive softmax
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+def test_linear_cross_entropy_chunks_agree_and_differentiate_the_bias(chunk: int) -> None:
+    x = torch.randn(7, 4, generator=_g(), dtype=D, requires_grad=True)
+    w = torch.randn(9, 4, generator=_g(1), dtype=D, requires_grad=True)
+    b = torch.randn(9, generator=_g(2), dtype=D, requires_grad=True)
+    y = torch.tensor([0, 8, 3, -100, 4, 4, 1])
+    cw = torch.rand(9, generator=_g(3), dtype=D)
+    ours = fl.linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, label_smoothing=0.1, chunk_size=chunk)
+    theirs = F.cross_entropy(F.linear(x, w, b), y, cw, label_smoothing=0.1)
+    torch.testing.assert_close(ours, theirs)
+    for g, h in zip(torch.autograd.grad(ours, (x, w, b)), torch.autograd.grad(theirs, (x, w, b))):
+        torch.testing.assert_close(g, h)
+
+
+def test_linear_cross_entropy_double_backward_in_eager() -> None:
+    """The chunked backward recomputes from the inputs, so it is itself differentiable."""
+    x = torch.randn(5, 3, generator=_g(), dtype=D, requires_grad=True)
+    w = torch.randn(4, 3, generator=_g(1), dtype=D, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 2, 2])
+    (g,) = torch.autograd.grad(fl.linear_cross_entropy(x, w, y, chunk_size=2), x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.pow(2).sum(), w)
+    (g2,) = torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), x, create_graph=True)
+    (gg2,) = torch.autograd.grad(g2.pow(2).sum(), w)
+    torch.testing.assert_close(gg, gg2)
+
+
+def test_adaptive_output_and_log_prob_match_the_module() -> None:
+    torch.manual_seed(0)
+    m = torch.nn.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True).double()
+    x = torch.randn(9, 8, generator=_g(), dtype=D)
+    y = torch.tensor([0, 2, 3, 6, 7, 11, 5, 1, 9])
+    tails = [(t[0].weight, t[1].weight) for t in m.tail]  # type: ignore[index]
+    ours = fl.adaptive_log_softmax_with_loss(x, y, m.head.weight, tails, [3, 7], head_bias=m.head.bias)
+    theirs = m(x, y)
+    torch.testing.assert_close(ours.output, theirs.output)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+    torch.testing.assert_close(
+        fl.adaptive_log_prob(x, m.head.weight, tails, [3, 7], head_bias=m.head.bias), m.log_prob(x)
+    )
+    with pytest.raises(RuntimeError, match=r"should be in \[0, 11\]"):
+        fl.adaptive_log_softmax_with_loss(x, y + 5, m.head.weight, tails, [3, 7], head_bias=m.head.bias)
+    with pytest.raises(ValueError, match="cutoffs"):
+        fl.adaptive_log_softmax_with_loss(x, y, m.head.weight, tails, [7, 3])
