@@ -192,7 +192,9 @@ def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: 
     """``log p(labels | log_probs)`` per sequence, by the alpha recursion."""
     ext, skip = _extended(labels, blank, log_probs.dtype)
     if is_eager():
-        ll: Tensor = _CTCFunction.apply(log_probs, ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
+        # Steps past the longest input matter to no sequence.
+        used = max(1, int(in_len.max())) if in_len.numel() else 1
+        ll: Tensor = _CTCFunction.apply(log_probs[:used], ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
         return ll
     steps, batch, _ = log_probs.shape
     size = ext.size(1)
