@@ -330,7 +330,9 @@ def _ctc_theirs(logits: Tensor, targets: Tensor, input_lengths: Tensor, target_l
         # One example (the vmap loop): torch's unbatched form wants the target trimmed to its
         # length, which reads a value; a batch of one takes the padded row as it is.
         lengths = (input_lengths.reshape(1), target_lengths.reshape(1))
-        return F.ctc_loss(torch.log_softmax(logits, -1).unsqueeze(1), targets.unsqueeze(0), *lengths, **kw).reshape(-1)[0]
+        return F.ctc_loss(torch.log_softmax(logits, -1).unsqueeze(1), targets.unsqueeze(0), *lengths, **kw).reshape(-1)[
+            0
+        ]
     return F.ctc_loss(torch.log_softmax(logits, -1), targets, input_lengths, target_lengths, **kw)
 
 

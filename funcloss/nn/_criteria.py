@@ -1,0 +1,663 @@
+"""Criteria: drop-in ``nn.Module`` adapters for every torch.nn loss, and `Criterion`.
+
+Each adapter takes exactly torch's constructor arguments (legacy ``size_average``/``reduce``
+included, mapped as torch maps them, with torch's deprecation warning), registers the same
+buffers and parameters under the same names, and calls the funcloss function in one line.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from .. import _checks
+from .._typing import KLDivReduction, Reduction
+from ..losses import _adaptive, _classification, _embedding, _margin, _probabilistic, _regression, _sequence
+from ..losses._adaptive import ASMOutput
+
+__all__ = [
+    "AdaptiveLogSoftmaxWithLoss",
+    "BCELoss",
+    "BCEWithLogitsLoss",
+    "CTCLoss",
+    "CosineEmbeddingLoss",
+    "Criterion",
+    "CrossEntropyLoss",
+    "GaussianNLLLoss",
+    "HingeEmbeddingLoss",
+    "HuberLoss",
+    "KLDivLoss",
+    "L1Loss",
+    "LinearCrossEntropyLoss",
+    "MSELoss",
+    "MarginRankingLoss",
+    "MultiLabelMarginLoss",
+    "MultiLabelSoftMarginLoss",
+    "MultiMarginLoss",
+    "NLLLoss",
+    "PoissonNLLLoss",
+    "SmoothL1Loss",
+    "SoftMarginLoss",
+    "TripletMarginLoss",
+    "TripletMarginWithDistanceLoss",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
+    """torch's mapping of the deprecated flags to a reduction, with torch's warning."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
+    warnings.warn(
+        f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return reduction
+
+
+class _Loss(nn.Module):
+    """Configuration only: a reduction, options in `_options`, tensors as buffers."""
+
+    _options: tuple[str, ...] = ()
+    _allowed: tuple[str, ...] = _REDUCTIONS
+    reduction: Reduction
+
+    def __init__(self, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        if size_average is not None or reduce is not None:
+            reduction = _legacy_reduction(size_average, reduce)
+        _checks.check_reduction(type(self).__name__, reduction, self._allowed)
+        self.reduction = cast(Reduction, reduction)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in (*self._options, "reduction"))
+
+
+class _WeightedLoss(_Loss):
+    weight: Tensor | None
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.register_buffer("weight", weight)
+
+
+class L1Loss(_Loss):
+    """Criterion for `funcloss.l1_loss`; see ``torch.nn.L1Loss``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _regression.l1_loss(input, target, reduction=self.reduction)
+
+
+class MSELoss(_Loss):
+    """Criterion for `funcloss.mse_loss`; see ``torch.nn.MSELoss``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _regression.mse_loss(input, target, reduction=self.reduction)
+
+
+class HuberLoss(_Loss):
+    """Criterion for `funcloss.huber_loss`; see ``torch.nn.HuberLoss``."""
+
+    _options = ("delta",)
+
+    def __init__(self, reduction: str = "mean", delta: float = 1.0) -> None:
+        super().__init__(reduction=reduction)
+        self.delta = delta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _regression.huber_loss(input, target, self.reduction, self.delta)
+
+
+class SmoothL1Loss(_Loss):
+    """Criterion for `funcloss.smooth_l1_loss`; see ``torch.nn.SmoothL1Loss``."""
+
+    _options = ("beta",)
+
+    def __init__(
+        self, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean", beta: float = 1.0
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.beta = beta
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _regression.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+
+
+class SoftMarginLoss(_Loss):
+    """Criterion for `funcloss.soft_margin_loss`; see ``torch.nn.SoftMarginLoss``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _margin.soft_margin_loss(input, target, reduction=self.reduction)
+
+
+class HingeEmbeddingLoss(_Loss):
+    """Criterion for `funcloss.hinge_embedding_loss`; see ``torch.nn.HingeEmbeddingLoss``."""
+
+    _options = ("margin",)
+
+    def __init__(
+        self, margin: float = 1.0, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean"
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.margin = margin
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _margin.hinge_embedding_loss(input, target, self.margin, reduction=self.reduction)
+
+
+class MarginRankingLoss(_Loss):
+    """Criterion for `funcloss.margin_ranking_loss`; see ``torch.nn.MarginRankingLoss``."""
+
+    _options = ("margin",)
+
+    def __init__(
+        self, margin: float = 0.0, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean"
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.margin = margin
+
+    def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
+        return _margin.margin_ranking_loss(input1, input2, target, self.margin, reduction=self.reduction)
+
+
+class PoissonNLLLoss(_Loss):
+    """Criterion for `funcloss.poisson_nll_loss`; see ``torch.nn.PoissonNLLLoss``."""
+
+    _options = ("log_input", "full", "eps")
+
+    def __init__(
+        self,
+        log_input: bool = True,
+        full: bool = False,
+        size_average: bool | None = None,
+        eps: float = 1e-8,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.log_input = log_input
+        self.full = full
+        self.eps = eps
+
+    def forward(self, log_input: Tensor, target: Tensor) -> Tensor:
+        return _regression.poisson_nll_loss(
+            log_input,
+            target,
+            self.log_input,
+            self.full,
+            eps=self.eps,
+            reduction=self.reduction,
+        )
+
+
+class GaussianNLLLoss(_Loss):
+    """Criterion for `funcloss.gaussian_nll_loss`; see ``torch.nn.GaussianNLLLoss``."""
+
+    _options = ("full", "eps")
+
+    def __init__(self, *, full: bool = False, eps: float = 1e-6, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+        self.full = full
+        self.eps = eps
+
+    def forward(self, input: Tensor, target: Tensor, var: Tensor | float) -> Tensor:
+        return _regression.gaussian_nll_loss(input, target, var, self.full, self.eps, self.reduction)
+
+
+class BCELoss(_WeightedLoss):
+    """Criterion for `funcloss.binary_cross_entropy`; see ``torch.nn.BCELoss``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _probabilistic.binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_Loss):
+    """Criterion for `funcloss.binary_cross_entropy_with_logits`; see ``torch.nn.BCEWithLogitsLoss``."""
+
+    weight: Tensor | None
+    pos_weight: Tensor | None
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        pos_weight: Tensor | None = None,
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _probabilistic.binary_cross_entropy_with_logits(
+            input,
+            target,
+            self.weight,
+            reduction=self.reduction,
+            pos_weight=self.pos_weight,
+        )
+
+
+class KLDivLoss(_Loss):
+    """Criterion for `funcloss.kl_div`; see ``torch.nn.KLDivLoss``."""
+
+    _options = ("log_target",)
+    _allowed = ("none", "mean", "sum", "batchmean")
+
+    def __init__(
+        self,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        log_target: bool = False,
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.log_target = log_target
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        reduction = cast(KLDivReduction, self.reduction)  # KLDivLoss also allows "batchmean"
+        return _probabilistic.kl_div(input, target, reduction=reduction, log_target=self.log_target)
+
+
+class CrossEntropyLoss(_WeightedLoss):
+    """Criterion for `funcloss.cross_entropy`; see ``torch.nn.CrossEntropyLoss``."""
+
+    _options = ("ignore_index", "label_smoothing")
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _classification.cross_entropy(
+            input,
+            target,
+            self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )
+
+
+class NLLLoss(_WeightedLoss):
+    """Criterion for `funcloss.nll_loss`; see ``torch.nn.NLLLoss``."""
+
+    _options = ("ignore_index",)
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        ignore_index: int = -100,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        self.ignore_index = ignore_index
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _classification.nll_loss(
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+        )
+
+
+class MultiMarginLoss(_WeightedLoss):
+    """Criterion for `funcloss.multi_margin_loss`; see ``torch.nn.MultiMarginLoss``."""
+
+    _options = ("p", "margin")
+
+    def __init__(
+        self,
+        p: int = 1,
+        margin: float = 1.0,
+        weight: Tensor | None = None,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(weight, size_average, reduce, reduction)
+        if p not in (1, 2):
+            raise ValueError(
+                f"MultiMarginLoss(...): expected p to be 1 or 2, got {p}. only p == 1 and p == 2 supported"
+            )
+        if weight is not None and weight.dim() != 1:
+            raise ValueError(
+                f"MultiMarginLoss(...): expected a one-dimensional weight, got shape {tuple(weight.shape)}. "
+                "MultiMarginLoss: expected weight to be None or 1D tensor"
+            )
+        self.p = p
+        self.margin = margin
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _margin.multi_margin_loss(input, target, self.p, self.margin, self.weight, reduction=self.reduction)
+
+
+class MultiLabelMarginLoss(_Loss):
+    """Criterion for `funcloss.multilabel_margin_loss`; see ``torch.nn.MultiLabelMarginLoss``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _margin.multilabel_margin_loss(input, target, reduction=self.reduction)
+
+
+class MultiLabelSoftMarginLoss(_WeightedLoss):
+    """Criterion for `funcloss.multilabel_soft_margin_loss`; see ``torch.nn.MultiLabelSoftMarginLoss``."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _margin.multilabel_soft_margin_loss(input, target, self.weight, reduction=self.reduction)
+
+
+class CosineEmbeddingLoss(_Loss):
+    """Criterion for `funcloss.cosine_embedding_loss`; see ``torch.nn.CosineEmbeddingLoss``."""
+
+    _options = ("margin",)
+
+    def __init__(
+        self, margin: float = 0.0, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean"
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        self.margin = margin
+
+    def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
+        return _embedding.cosine_embedding_loss(input1, input2, target, self.margin, reduction=self.reduction)
+
+
+class TripletMarginLoss(_Loss):
+    """Criterion for `funcloss.triplet_margin_loss`; see ``torch.nn.TripletMarginLoss``."""
+
+    _options = ("margin", "p", "eps", "swap")
+
+    def __init__(
+        self,
+        margin: float = 1.0,
+        p: float = 2.0,
+        eps: float = 1e-6,
+        swap: bool = False,
+        size_average: bool | None = None,
+        reduce: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(size_average, reduce, reduction)
+        if margin <= 0:
+            raise ValueError(
+                f"TripletMarginLoss(...): expected margin > 0, got {margin}. "
+                f"TripletMarginLoss: expected margin to be greater than 0, got {margin} instead"
+            )
+        self.margin = margin
+        self.p = p
+        self.eps = eps
+        self.swap = swap
+
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        return _embedding.triplet_margin_loss(
+            anchor,
+            positive,
+            negative,
+            self.margin,
+            self.p,
+            self.eps,
+            self.swap,
+            reduction=self.reduction,
+        )
+
+
+class TripletMarginWithDistanceLoss(_Loss):
+    """Criterion for `funcloss.triplet_margin_with_distance_loss`; see ``torch.nn.TripletMarginWithDistanceLoss``."""
+
+    _options = ("distance_function", "margin", "swap")
+
+    def __init__(
+        self,
+        *,
+        distance_function: Callable[[Tensor, Tensor], Tensor] | None = None,
+        margin: float = 1.0,
+        swap: bool = False,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction=reduction)
+        if margin <= 0:
+            raise ValueError(
+                f"TripletMarginWithDistanceLoss(...): expected margin > 0, got {margin}. "
+                f"TripletMarginWithDistanceLoss: expected margin to be greater than 0, got {margin} instead"
+            )
+        self.distance_function = distance_function
+        self.margin = margin
+        self.swap = swap
+
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        return _embedding.triplet_margin_with_distance_loss(
+            anchor,
+            positive,
+            negative,
+            distance_function=self.distance_function,
+            margin=self.margin,
+            swap=self.swap,
+            reduction=self.reduction,
+        )
+
+
+class CTCLoss(_Loss):
+    """Criterion for `funcloss.ctc_loss`; see ``torch.nn.CTCLoss``."""
+
+    _options = ("blank", "zero_infinity")
+
+    def __init__(self, blank: int = 0, reduction: str = "mean", zero_infinity: bool = False) -> None:
+        super().__init__(reduction=reduction)
+        self.blank = blank
+        self.zero_infinity = zero_infinity
+
+    def forward(self, log_probs: Tensor, targets: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+        return _sequence.ctc_loss(
+            log_probs,
+            targets,
+            input_lengths,
+            target_lengths,
+            self.blank,
+            self.reduction,
+            self.zero_infinity,
+        )
+
+
+class LinearCrossEntropyLoss(_WeightedLoss):
+    """Criterion for `funcloss.linear_cross_entropy`: a ``linear`` layer's parameters plus the loss.
+
+    Same parameters (``linear.weight``, ``linear.bias``), initialisation and state-dict keys as
+    ``torch.nn.LinearCrossEntropyLoss``. ``options.batch_chunk_size``, if given, becomes the
+    chunk size; funcloss always computes in chunks in eager mode (see `linear_cross_entropy`).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        out_features: tuple[int, ...] = (),
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = None,
+        label_smoothing: float = 0.0,
+        options: Any = None,
+    ) -> None:
+        if weight is not None and weight.shape != (num_classes,):
+            raise RuntimeError(
+                f"LinearCrossEntropyLoss(...): expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}."
+            )
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(
+                f"LinearCrossEntropyLoss(...): expected label_smoothing to be in range [0, 1], got {label_smoothing}."
+            )
+        if out_features != ():
+            raise ValueError(
+                f"LinearCrossEntropyLoss(...): expected out_features=() (one class dim), got {out_features}. "
+                "K-dimensional linear cross-entropy is not supported yet; use cross_entropy on the reshaped logits."
+            )
+        super().__init__(weight, reduction=reduction)
+        self.num_classes = num_classes
+        self.out_features = out_features
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return _classification.linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            chunk_size=getattr(self.options, "batch_chunk_size", None),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, options={self.options}"
+        )
+
+
+class AdaptiveLogSoftmaxWithLoss(nn.Module):
+    """Criterion for `funcloss.adaptive_log_softmax_with_loss`, with the head and tail layers.
+
+    Same parameters (``head.weight``, ``head.bias``, ``tail.<i>.0.weight``,
+    ``tail.<i>.1.weight``), initialisation and state-dict keys as
+    ``torch.nn.AdaptiveLogSoftmaxWithLoss``; `log_prob` and `predict` as there.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        n_classes: int,
+        cutoffs: Sequence[int],
+        div_value: float = 4.0,
+        head_bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        cut = list(cutoffs)
+        if len(cut) == 0:
+            raise ValueError("AdaptiveLogSoftmaxWithLoss(...): cutoffs should be a sequence of length larger than 0")
+        if (
+            cut != sorted(cut)
+            or min(cut) <= 0
+            or max(cut) > n_classes - 1
+            or len(set(cut)) != len(cut)
+            or any(int(c) != c for c in cut)
+        ):
+            raise ValueError(
+                f"AdaptiveLogSoftmaxWithLoss(...): expected cutoffs to be unique, positive integers sorted in "
+                f"increasing order, each between 1 and n_classes-1 ({n_classes - 1}), got {cut}."
+            )
+        self.in_features = in_features
+        self.n_classes = n_classes
+        self.cutoffs = [*cut, n_classes]
+        self.div_value = div_value
+        self.head_bias = head_bias
+        self.shortlist_size = self.cutoffs[0]
+        self.n_clusters = len(self.cutoffs) - 1
+        self.head_size = self.shortlist_size + self.n_clusters
+        self.head = nn.Linear(in_features, self.head_size, bias=head_bias, device=device, dtype=dtype)
+        self.tail = nn.ModuleList()
+        for i in range(self.n_clusters):
+            hidden = int(in_features // (div_value ** (i + 1)))
+            size = self.cutoffs[i + 1] - self.cutoffs[i]
+            self.tail.append(
+                nn.Sequential(
+                    nn.Linear(in_features, hidden, bias=False, device=device, dtype=dtype),
+                    nn.Linear(hidden, size, bias=False, device=device, dtype=dtype),
+                )
+            )
+
+    def _tails(self) -> list[tuple[Tensor, Tensor]]:
+        return [(t[0].weight, t[1].weight) for t in self.tail]  # type: ignore[index]
+
+    def forward(self, input_: Tensor, target_: Tensor) -> ASMOutput:
+        return _adaptive.adaptive_log_softmax_with_loss(
+            input_, target_, self.head.weight, self._tails(), self.cutoffs[:-1], head_bias=self.head.bias
+        )
+
+    def log_prob(self, input: Tensor) -> Tensor:
+        """Log-probabilities of every class, ``(N, n_classes)``."""
+        return _adaptive.adaptive_log_prob(
+            input, self.head.weight, self._tails(), self.cutoffs[:-1], head_bias=self.head.bias
+        )
+
+    def predict(self, input: Tensor) -> Tensor:
+        """The most probable class of each row, ``(N,)``."""
+        return self.log_prob(input).argmax(dim=-1)
+
+
+class Criterion(nn.Module):
+    """Any functional loss as a criterion: ``Criterion(loss_fn, **options)``.
+
+    Options become its configuration: tensors are registered as buffers (so they move with
+    ``.to()``, appear in ``state_dict()`` and can be swapped by ``torch.func.functional_call``),
+    everything else is kept as-is. ``forward(*args, **kwargs)`` calls
+    ``loss_fn(*args, **options, **kwargs)``; keyword arguments given at call time win.
+
+    Example:
+        >>> criterion = Criterion(funcloss.cross_entropy, weight=torch.tensor([1.0, 3.0]), label_smoothing=0.1)
+        >>> criterion(logits, labels)
+
+    A loss assembled with the combinators, or any function of yours, works the same; to pickle
+    the criterion, the function must be importable (not a lambda).
+    """
+
+    def __init__(self, loss_fn: Callable[..., Tensor], **options: Any) -> None:
+        super().__init__()
+        if not callable(loss_fn):
+            raise TypeError(f"Criterion(...): expected a callable loss, got {type(loss_fn).__name__}.")
+        self.loss_fn = loss_fn
+        self._buffer_options: list[str] = []
+        self._plain_options: dict[str, Any] = {}
+        for name, value in options.items():
+            if isinstance(value, Tensor):
+                self.register_buffer(name, value)
+                self._buffer_options.append(name)
+            else:
+                self._plain_options[name] = value
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The configuration passed to the loss, buffers included."""
+        return {**self._plain_options, **{name: getattr(self, name) for name in self._buffer_options}}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.loss_fn(*args, **{**self.options, **kwargs})
+
+    def extra_repr(self) -> str:
+        name = getattr(self.loss_fn, "__name__", repr(self.loss_fn))
+        parts = [name] + [f"{k}={v!r}" for k, v in self._plain_options.items()]
+        parts += [f"{k}=<buffer {tuple(getattr(self, k).shape)}>" for k in self._buffer_options]
+        return ", ".join(parts)

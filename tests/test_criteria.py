@@ -1,0 +1,289 @@
+"""funcloss.nn criteria against torch.nn's classes: results, state dicts, module behaviour."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import pickle
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import funcloss as fl
+import funcloss.nn as fnn
+from funcloss._bench.cases import Example, Sampler
+
+from .harness import assert_close, quiet_call, value_and_grads
+from .registry import DEVICES, ROWS, Row
+
+# One row per criterion: the registry row whose examples drive it.
+CRITERIA = {
+    "L1Loss": "l1_loss",
+    "MSELoss": "mse_loss",
+    "HuberLoss": "huber_loss",
+    "SmoothL1Loss": "smooth_l1_loss",
+    "SoftMarginLoss": "soft_margin_loss",
+    "HingeEmbeddingLoss": "hinge_embedding_loss",
+    "MarginRankingLoss": "margin_ranking_loss",
+    "PoissonNLLLoss": "poisson_nll_loss",
+    "GaussianNLLLoss": "gaussian_nll_loss",
+    "BCELoss": "binary_cross_entropy",
+    "BCEWithLogitsLoss": "binary_cross_entropy_with_logits",
+    "KLDivLoss": "kl_div",
+    "CrossEntropyLoss": "cross_entropy",
+    "NLLLoss": "nll_loss",
+    "MultiMarginLoss": "multi_margin_loss",
+    "MultiLabelMarginLoss": "multilabel_margin_loss",
+    "MultiLabelSoftMarginLoss": "multilabel_soft_margin_loss",
+    "CosineEmbeddingLoss": "cosine_embedding_loss",
+    "TripletMarginLoss": "triplet_margin_loss",
+    "TripletMarginWithDistanceLoss": "triplet_margin_with_distance_loss",
+    "CTCLoss": "ctc_loss",
+}
+
+
+def test_every_torch_loss_class_has_a_criterion() -> None:
+    torch_losses = {n for n in dir(nn) if n.endswith("Loss") and isinstance(getattr(nn, n), type)}
+    torch_losses |= {"AdaptiveLogSoftmaxWithLoss"}
+    assert torch_losses <= set(fnn.__all__), sorted(torch_losses - set(fnn.__all__))
+
+
+# torch's classes for these take no weight (only the functions do, since torch 2.13).
+NO_WEIGHT = {"L1Loss", "MSELoss", "HuberLoss"}
+
+
+def _pair(name: str, ex: Example, device: str) -> tuple[Any, Any]:
+    """(funcloss criterion, torch criterion) configured from an example's options."""
+    config = {k: v for k, v in ex.kwargs.items() if not (k == "weight" and name in NO_WEIGHT)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours, theirs = getattr(fnn, name)(**config).to(device), getattr(nn, name)(**config).to(device)
+    if name != "CTCLoss":
+        return ours, theirs
+
+    # Compared through log_softmax, where torch's CTC gradient convention and the true
+    # derivative agree (see funcloss.ctc_loss).
+    def through_log_softmax(crit: nn.Module) -> Any:
+        return lambda logits, *rest: crit(torch.log_softmax(logits, -1), *rest)
+
+    return through_log_softmax(ours), through_log_softmax(theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(CRITERIA))
+def test_criterion_matches_torch(name: str, device: str) -> None:
+    row: Row = ROWS[CRITERIA[name]]
+
+    @given(options=row.options(), seed=st.integers(0, 2**16))
+    def run(options: dict[str, Any], seed: int) -> None:
+        if name in NO_WEIGHT:
+            options = {**options, "weight": False}
+        ex = row.case.make(Sampler(seed, torch.float64, device), options)
+        ours, theirs = _pair(name, ex, device)
+        call = Example(ex.args, {}, ex.diff, None)
+        value, grads = value_and_grads(ours, call)
+        expected, expected_grads = value_and_grads(theirs, call)
+        tol = row.tolerance(torch.float64)
+        assert_close(value, expected, tol, f"{name} {options}")
+        for g, h in zip(grads, expected_grads):
+            assert_close(g, h, tol, f"{name} grad {options}")
+
+    run()
+
+
+WEIGHTED = [
+    ("BCELoss", {"weight": torch.rand(3)}),
+    ("BCEWithLogitsLoss", {"weight": torch.rand(3), "pos_weight": torch.rand(3)}),
+    ("CrossEntropyLoss", {"weight": torch.rand(3)}),
+    ("NLLLoss", {"weight": torch.rand(3)}),
+    ("MultiMarginLoss", {"weight": torch.rand(3)}),
+    ("MultiLabelSoftMarginLoss", {"weight": torch.rand(3)}),
+    ("CrossEntropyLoss", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "config"), WEIGHTED)
+def test_state_dict_interchanges_both_ways(name: str, config: dict[str, torch.Tensor]) -> None:
+    ours, theirs = getattr(fnn, name)(**config), getattr(nn, name)(**config)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    other = {k: v + 1 for k, v in config.items()}
+    theirs.load_state_dict(getattr(fnn, name)(**other).state_dict())
+    ours.load_state_dict(getattr(nn, name)(**other).state_dict())
+    for key in config:
+        torch.testing.assert_close(getattr(ours, key), other[key])
+        torch.testing.assert_close(getattr(theirs, key), other[key])
+
+
+def _linear_ce(m: Any) -> nn.Module:
+    module: nn.Module = m.LinearCrossEntropyLoss(6, 5, bias=True)
+    return module
+
+
+def _adaptive(m: Any) -> nn.Module:
+    module: nn.Module = m.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True)
+    return module
+
+
+def test_parametrised_criteria_share_names_and_initialisation() -> None:
+    for make in (_linear_ce, _adaptive):
+        torch.manual_seed(0)
+        theirs = make(nn)
+        torch.manual_seed(0)
+        ours = make(fnn)
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=k)
+        ours.load_state_dict(theirs.state_dict())
+
+
+def test_linear_cross_entropy_criterion_matches_torch() -> None:
+    torch.manual_seed(0)
+    theirs = nn.LinearCrossEntropyLoss(6, 5, bias=True, label_smoothing=0.1, ignore_index=2).double()
+    ours = fnn.LinearCrossEntropyLoss(6, 5, bias=True, label_smoothing=0.1, ignore_index=2).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 4, 2, 1])
+    a, b = ours(x, y), theirs(x, y)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])
+
+
+def test_adaptive_criterion_matches_torch() -> None:
+    theirs = nn.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True).double()
+    ours = fnn.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(9, 8, dtype=torch.float64)
+    y = torch.tensor([0, 2, 3, 6, 7, 11, 5, 1, 9])
+    a, b = ours(x, y), theirs(x, y)
+    torch.testing.assert_close(a.output, b.output)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(ours.log_prob(x), theirs.log_prob(x))
+    assert torch.equal(ours.predict(x), theirs.predict(x))
+
+
+@pytest.mark.parametrize(
+    ("size_average", "reduce", "expected"),
+    [(None, False, "none"), (False, None, "sum"), (True, True, "mean"), (False, False, "none")],
+)
+def test_legacy_flags_map_and_warn_like_torch(size_average: bool | None, reduce: bool | None, expected: str) -> None:
+    with pytest.warns(UserWarning, match=f"reduction='{expected}'"):
+        ours = fnn.MSELoss(size_average=size_average, reduce=reduce)
+    with pytest.warns(UserWarning, match=f"reduction='{expected}'"):
+        theirs = nn.MSELoss(size_average=size_average, reduce=reduce)
+    assert ours.reduction == theirs.reduction == expected
+
+
+@pytest.mark.parametrize(
+    ("make", "exc", "match"),
+    [
+        (lambda m: m.MultiMarginLoss(p=3), ValueError, "p"),
+        (lambda m: m.MultiMarginLoss(weight=torch.ones(2, 2)), ValueError, "1D|one-dimensional"),
+        (lambda m: m.TripletMarginLoss(margin=0), ValueError, "margin"),
+        (lambda m: m.TripletMarginWithDistanceLoss(margin=-1.0), ValueError, "margin"),
+        (lambda m: m.LinearCrossEntropyLoss(3, 4, weight=torch.ones(3)), RuntimeError, r"weight shape to be \(4,\)"),
+        (lambda m: m.LinearCrossEntropyLoss(3, 4, label_smoothing=2.0), RuntimeError, "label_smoothing"),
+        (lambda m: m.AdaptiveLogSoftmaxWithLoss(4, 10, []), ValueError, "cutoffs"),
+        (lambda m: m.AdaptiveLogSoftmaxWithLoss(4, 10, [5, 3]), ValueError, "cutoffs"),
+    ],
+)
+def test_constructor_errors_match_torch(make: Any, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc):
+        make(nn)
+    with pytest.raises(exc, match=match):
+        make(fnn)
+
+
+def test_invalid_reduction_is_refused_at_construction() -> None:
+    """torch accepts it and fails at the first call; funcloss says so at once."""
+    with pytest.raises(ValueError, match="expected reduction to be one of"):
+        fnn.MSELoss(reduction="avg")
+    assert str(fnn.KLDivLoss(reduction="batchmean").reduction) == "batchmean"
+
+
+def test_training_matches_torch_for_20_steps() -> None:
+    def train(criterion: nn.Module) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(32, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (32,), generator=g)
+        for _ in range(20):
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            opt.step()
+        return [p.detach() for p in model.parameters()]
+
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    ours = train(fnn.CrossEntropyLoss(weight=w, label_smoothing=0.1))
+    theirs = train(nn.CrossEntropyLoss(weight=w, label_smoothing=0.1))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b)
+
+
+def test_criteria_behave_as_modules() -> None:
+    crit = fnn.BCEWithLogitsLoss(pos_weight=torch.tensor([1.0, 2.0]), reduction="sum")
+    moved = crit.to(torch.float64)
+    assert moved.pos_weight is not None and moved.pos_weight.dtype == torch.float64
+    clone = copy.deepcopy(crit)
+    again = pickle.loads(pickle.dumps(crit))
+    x, y = torch.randn(3, 2, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    torch.testing.assert_close(clone(x, y), crit(x, y))
+    torch.testing.assert_close(again(x, y), crit(x, y))
+    assert "reduction='sum'" in repr(crit)
+    # functional_call swaps the buffer for one call.
+    swapped = torch.func.functional_call(crit, {"pos_weight": torch.tensor([5.0, 5.0], dtype=torch.float64)}, (x, y))
+    torch.testing.assert_close(
+        swapped,
+        fl.binary_cross_entropy_with_logits(
+            x, y, reduction="sum", pos_weight=torch.full((2,), 5.0, dtype=torch.float64)
+        ),
+    )
+
+
+def test_compiled_criterion_has_no_graph_break() -> None:
+    torch._dynamo.reset()
+    crit = fnn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]), label_smoothing=0.2)
+    compiled = torch.compile(crit, fullgraph=True)
+    x, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 1])
+    torch.testing.assert_close(compiled(x, y), crit(x, y))
+
+
+def test_criterion_wraps_any_function() -> None:
+    """Write a function, wrap it: options become configuration, tensors become buffers."""
+
+    def focal_like(input: torch.Tensor, target: torch.Tensor, *, gamma: float, alpha: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(input)
+        pt = torch.where(target > 0.5, p, 1 - p)
+        return (-alpha * (1 - pt) ** gamma * pt.log()).mean()
+
+    crit = fnn.Criterion(focal_like, gamma=2.0, alpha=torch.tensor(0.25))
+    assert list(crit.state_dict()) == ["alpha"]
+    x, y = torch.randn(6), (torch.rand(6) > 0.5).float()
+    torch.testing.assert_close(crit(x, y), focal_like(x, y, gamma=2.0, alpha=torch.tensor(0.25)))
+    torch.testing.assert_close(crit(x, y, gamma=0.0), focal_like(x, y, gamma=0.0, alpha=torch.tensor(0.25)))
+    assert "focal_like" in repr(crit) and "gamma=2.0" in repr(crit)
+    # Built-ins and combinators wrap the same way, and pickle.
+    mix = fl.loss_sum({"huber": fl.huber_loss, "l1": fl.l1_loss}, weights={"l1": 0.5})
+    crit2 = pickle.loads(pickle.dumps(fnn.Criterion(mix)))
+    a, b = torch.randn(5), torch.randn(5)
+    torch.testing.assert_close(crit2(a, b), mix(a, b))
+    masked = fnn.Criterion(fl.masked(functools.partial(fl.mse_loss, reduction="none"), a > 0, reduction="mean"))
+    torch.testing.assert_close(masked(a, b), ((a - b) ** 2)[a > 0].mean())
+    with pytest.raises(TypeError, match="callable"):
+        fnn.Criterion("mse")  # type: ignore[arg-type]
+
+
+def test_criterion_buffers_move_and_swap() -> None:
+    crit = fnn.Criterion(fl.cross_entropy, weight=torch.tensor([1.0, 3.0]))
+    crit = crit.to(torch.float64)
+    x, y = torch.randn(4, 2, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    torch.testing.assert_close(crit(x, y), fl.cross_entropy(x, y, torch.tensor([1.0, 3.0], dtype=torch.float64)))
+    out = torch.func.functional_call(crit, {"weight": torch.tensor([1.0, 1.0], dtype=torch.float64)}, (x, y))
+    torch.testing.assert_close(out, fl.cross_entropy(x, y))
+    assert quiet_call(crit, x, y).dtype == torch.float64
