@@ -22,6 +22,17 @@ from ._combinators import reduced as reduced
 from ._combinators import scaled as scaled
 from ._combinators import weighted as weighted
 from ._combinators import weighted_mean as weighted_mean
+from ._per_sample import GradStats as GradStats
+from ._per_sample import grad_stats as grad_stats
+from ._per_sample import per_sample_grad as per_sample_grad
+from ._per_sample import per_sample_grads as per_sample_grads
+from ._signs import Conflicts as Conflicts
+from ._signs import SignReport as SignReport
+from ._signs import and_mask as and_mask
+from ._signs import gradient_conflicts as gradient_conflicts
+from ._signs import model_terms as model_terms
+from ._signs import sign_agreement as sign_agreement
+from ._signs import sign_report as sign_report
 from ._typing import DistanceFunction as DistanceFunction
 from ._typing import KLDivReduction as KLDivReduction
 from ._typing import Loss as Loss
@@ -58,7 +69,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASMOutput",
+    "Conflicts",
     "DistanceFunction",
+    "GradStats",
     "KLDivReduction",
     "Loss",
     "LossSum",
@@ -66,10 +79,12 @@ __all__ = [
     "Reduced",
     "Reduction",
     "Scaled",
+    "SignReport",
     "WeightBy",
     "Weighted",
     "adaptive_log_prob",
     "adaptive_log_softmax_with_loss",
+    "and_mask",
     "batchmean",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
@@ -77,6 +92,8 @@ __all__ = [
     "cross_entropy",
     "ctc_loss",
     "gaussian_nll_loss",
+    "grad_stats",
+    "gradient_conflicts",
     "hinge_embedding_loss",
     "huber_loss",
     "kl_div",
@@ -85,6 +102,7 @@ __all__ = [
     "loss_sum",
     "margin_ranking_loss",
     "masked",
+    "model_terms",
     "mse_loss",
     "multi_margin_loss",
     "multilabel_margin_loss",
@@ -92,10 +110,14 @@ __all__ = [
     "nll_loss",
     "normalized_sum",
     "pairwise_distance",
+    "per_sample_grad",
+    "per_sample_grads",
     "poisson_nll_loss",
     "reduce",
     "reduced",
     "scaled",
+    "sign_agreement",
+    "sign_report",
     "smooth_l1_loss",
     "soft_margin_loss",
     "triplet_margin_loss",

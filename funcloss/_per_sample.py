@@ -1,0 +1,338 @@
+"""Per-sample gradients and streamed gradient statistics, through ``torch.func``."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast, overload
+
+import torch
+import torch.func as tf
+from torch import Tensor, nn
+
+P = ParamSpec("P")
+T = TypeVar("T")
+Randomness = Literal["error", "different", "same"]
+Grads = dict[str, Tensor]
+
+__all__ = ["GradStats", "grad_stats", "per_sample_grad", "per_sample_grads"]
+
+
+@overload
+def per_sample_grad(  # type: ignore[overload-overlap]  # argnums=0 (the default) is the precise case
+    fn: Callable[Concatenate[T, P], Tensor],
+    argnums: Literal[0] = 0,
+    *,
+    in_dims: int | tuple[int | None, ...] | None = None,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> Callable[Concatenate[T, P], T]: ...
+
+
+@overload
+def per_sample_grad(
+    fn: Callable[P, Tensor],
+    argnums: int | tuple[int, ...],
+    *,
+    in_dims: int | tuple[int | None, ...] | None = None,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> Callable[P, Any]: ...
+
+
+def per_sample_grad(
+    fn: Callable[..., Tensor],
+    argnums: int | tuple[int, ...] = 0,
+    *,
+    in_dims: int | tuple[int | None, ...] | None = None,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> Callable[..., Any]:
+    """``torch.func.grad`` per example: ``vmap(grad(fn, argnums), in_dims)``.
+
+    ``fn(params, *example)`` returns the scalar loss of one example. The returned function
+    takes ``(params, *batch)`` and returns, for each leaf of the differentiated argument, its
+    gradient stacked on a leading batch axis.
+
+    Args:
+        fn: the loss of one example; the differentiated arguments first by default.
+        argnums: which arguments to differentiate (as in ``torch.func.grad``).
+        in_dims: vmap's ``in_dims``; default: the differentiated arguments are shared (None),
+            every other argument is batched on dim 0.
+        chunk_size: examples per vmap chunk (bounds memory; None: all at once).
+        randomness: vmap's randomness for dropout and friends: ``"error"`` (default),
+            ``"different"`` (a fresh draw per example) or ``"same"``.
+
+    Example:
+        >>> g = per_sample_grad(lambda p, x, y: fl.mse_loss(x @ p["w"], y))(params, xs, ys)
+        >>> g["w"].shape  # (B, *w.shape)
+    """
+    if not callable(fn):
+        raise TypeError(f"per_sample_grad(...): expected a callable, got {type(fn).__name__}.")
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    grad_fn = tf.grad(fn, argnums=argnums)
+
+    def batched(*args: Any) -> Any:
+        dims: int | tuple[int | None, ...]
+        if in_dims is None:
+            dims = tuple(None if i in nums else 0 for i in range(len(args)))
+        else:
+            dims = in_dims
+        return tf.vmap(grad_fn, in_dims=dims, chunk_size=chunk_size, randomness=randomness)(*args)
+
+    return batched
+
+
+def _check_model(model: nn.Module, fn: str) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"{fn}(...): expected a model whose forward treats samples independently, got {type(module).__name__} "
+                f"'{name or type(model).__name__}' in training mode, which mixes the batch. Call model.eval() "
+                "(BatchNorm then uses its running statistics) or replace it with GroupNorm/LayerNorm."
+            )
+
+
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(f"expected a model with trainable parameters, got {type(model).__name__} with none.")
+    return params
+
+
+def _example_loss(
+    model: nn.Module, loss_fn: Callable[..., Tensor], buffers: Mapping[str, Tensor], loss_kwargs: Mapping[str, Any]
+) -> Callable[[Grads, Tensor, Tensor], Tensor]:
+    def loss(params: Grads, x: Tensor, y: Tensor) -> Tensor:
+        out = tf.functional_call(model, (params, dict(buffers)), (x.unsqueeze(0),))
+        return loss_fn(out, y.unsqueeze(0), **loss_kwargs)
+
+    return loss
+
+
+def _check_batch(fn: str, inputs: Tensor, targets: Tensor) -> None:
+    if inputs.dim() == 0 or targets.dim() == 0 or inputs.size(0) != targets.size(0):
+        raise ValueError(
+            f"{fn}(...): expected inputs and targets with the same batch size on dim 0, got shapes "
+            f"{tuple(inputs.shape)} and {tuple(targets.shape)}."
+        )
+
+
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int | None = None,
+    randomness: Randomness = "different",
+    **loss_kwargs: Any,
+) -> Grads:
+    """The gradient of every sample's loss with respect to every trainable parameter.
+
+    For each ``i``: the gradient of ``loss_fn(model(inputs[i:i+1]), targets[i:i+1], **loss_kwargs)``,
+    stacked as ``{name: (B, *param.shape)}``. Buffers are constants. The model, its parameters
+    and their ``.grad`` are left untouched.
+
+    Args:
+        model: treats samples independently (BatchNorm in training mode is refused: use
+            ``eval()`` or GroupNorm).
+        loss_fn: any loss with the ``(output, target)`` call form: a funcloss loss, a
+            combination of them, or your own.
+        inputs, targets: batches, dim 0 the sample.
+        chunk_size: samples per vmap chunk, to bound memory (None: all at once).
+        randomness: dropout and other random ops: ``"different"`` (default, like a real batch:
+            each sample draws its own mask), ``"same"`` or ``"error"``.
+        **loss_kwargs: passed to ``loss_fn``.
+
+    Memory: ``B x P`` floats for the result, plus the vmap working set of a chunk.
+    """
+    _check_batch("per_sample_grads", inputs, targets)
+    _check_model(model, "per_sample_grads")
+    params = _trainable(model)
+    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+    grads: Grads = per_sample_grad(loss, chunk_size=chunk_size, randomness=randomness)(params, inputs, targets)
+    return grads
+
+
+@dataclass(frozen=True)
+class GradStats:
+    """Statistics of per-sample (or per-group) gradients, per parameter element.
+
+    Attributes:
+        count: number of samples (or groups) the statistics are over.
+        mean: ``{name: mean gradient}``.
+        variance: unbiased variance per element (NaN when ``count < 2``).
+        sign_sum: per element, ``sum_i sign(g_i)``.
+        zeros: per element, how many ``g_i`` were exactly 0.
+        sq_norms: ``(count,)``, each sample's squared L2 norm over all parameters.
+        sum_sq_norm: ``||sum_i g_i||^2`` over all parameters.
+    """
+
+    count: int
+    mean: Grads
+    variance: Grads
+    sign_sum: Grads
+    zeros: Grads
+    sq_norms: Tensor
+    sum_sq_norm: Tensor
+
+    @property
+    def sign_agreement(self) -> Grads:
+        """``|mean_i sign(g_i)|`` per element: 1 when every sample pushes the same way, 0 when
+        evenly split. An exact zero (a dead ReLU) is an abstention that counts in the
+        denominator: it lowers agreement."""
+        return {k: v.abs() / self.count for k, v in self.sign_sum.items()}
+
+    @property
+    def gsnr(self) -> Grads:
+        """Gradient signal-to-noise ratio ``mean^2 / variance`` per element (Liu et al. 2020).
+
+        NaN where every gradient is 0 (an untouched parameter), inf where they are all equal
+        and non-zero."""
+        return {k: self.mean[k] ** 2 / self.variance[k] for k in self.mean}
+
+    @property
+    def coherence(self) -> Tensor:
+        """``||sum_i g_i||^2 / sum_i ||g_i||^2`` (m-coherence, Chatterjee 2020): ``count`` when
+        all gradients are equal, about 1 when they are orthogonal, lower when they cancel."""
+        return self.sum_sq_norm / self.sq_norms.sum()
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def grad_stats(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int | None = None,
+    groups: Tensor | None = None,
+    randomness: Randomness = "different",
+    progress: bool = False,
+    **loss_kwargs: Any,
+) -> GradStats:
+    """Statistics of the per-sample gradients, computed chunk by chunk.
+
+    Never holds ``B x P`` per-sample gradients: each chunk's ``chunk_size x P`` gradients are
+    folded into running sums (Chan et al.'s pairwise update for the variance) and dropped.
+
+    Args:
+        model, loss_fn, inputs, targets, randomness, **loss_kwargs: as in `per_sample_grads`.
+        chunk_size: samples per chunk (default 64): peak extra memory is about
+            ``chunk_size x P`` floats.
+        groups: ``(B,)`` integer labels (environments, domains, classes): the statistics are
+            then over the groups' mean gradients, one "sample" per group, as the AND-mask
+            of Parascandolo et al. uses per-environment gradients. Memory ``G x P``.
+        progress: print a progress line to stderr.
+
+    References:
+        Liu, J. et al. "Understanding Why Neural Networks Generalize Well Through GSNR of
+        Parameters", ICLR 2020. Chatterjee, S. "Coherent Gradients: An Approach to
+        Understanding Generalization in Gradient Descent-based Optimization", ICLR 2020.
+        Chan, T. F., Golub, G. H. and LeVeque, R. J. "Updating formulae and a pairwise
+        algorithm for computing sample variances", 1979.
+    """
+    _check_batch("grad_stats", inputs, targets)
+    _check_model(model, "grad_stats")
+    n = inputs.size(0)
+    if n == 0:
+        raise ValueError("grad_stats(...): expected at least one sample, got an empty batch.")
+    size = chunk_size or 64
+    if size < 1:
+        raise ValueError(f"grad_stats(...): expected chunk_size >= 1, got {chunk_size}.")
+    params = _trainable(model)
+    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+    per_chunk = per_sample_grad(loss, randomness=randomness)
+    if groups is not None:
+        if groups.shape != (n,) or groups.is_floating_point():
+            raise ValueError(
+                f"grad_stats(...): expected integer groups of shape ({n},), got {groups.dtype} {tuple(groups.shape)}."
+            )
+        return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
+
+    acc = _Running(params)
+    chunks = list(_chunks(n, size))
+    for i, rows in enumerate(chunks):
+        acc.add(per_chunk(params, inputs[rows], targets[rows]))
+        if progress:
+            print(f"\rgrad_stats: {rows.stop}/{n} samples ({i + 1}/{len(chunks)} chunks)", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    return acc.result()
+
+
+class _Running:
+    """Running count, mean, M2, sign sums, zero counts and norms, merged chunk by chunk."""
+
+    def __init__(self, params: Grads) -> None:
+        self.count = 0
+        self.mean = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.m2 = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.sign_sum = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+        self.sq_norms: list[Tensor] = []
+
+    def add(self, grads: Grads) -> None:
+        b = next(iter(grads.values())).size(0)
+        total = self.count + b
+        norms = torch.zeros(b, dtype=next(iter(grads.values())).dtype, device=next(iter(grads.values())).device)
+        for k, g in grads.items():
+            chunk_mean = g.mean(0)
+            chunk_m2 = ((g - chunk_mean) ** 2).sum(0)
+            delta = chunk_mean - self.mean[k]
+            self.m2[k] += chunk_m2 + delta**2 * (self.count * b / total)
+            self.mean[k] += delta * (b / total)
+            self.sign_sum[k] += g.sign().sum(0)
+            self.zeros[k] += (g == 0).sum(0).to(g.dtype)
+            norms += g.reshape(b, -1).pow(2).sum(1)
+        self.sq_norms.append(norms)
+        self.count = total
+
+    def result(self) -> GradStats:
+        c = self.count
+        var = {k: v / (c - 1) if c > 1 else torch.full_like(v, math.nan) for k, v in self.m2.items()}
+        sum_sq = sum(((m * c) ** 2).sum() for m in self.mean.values())
+        return GradStats(
+            count=c,
+            mean=self.mean,
+            variance=var,
+            sign_sum=self.sign_sum,
+            zeros=self.zeros,
+            sq_norms=torch.cat(self.sq_norms),
+            sum_sq_norm=cast(Tensor, sum_sq),
+        )
+
+
+def _group_stats(
+    per_chunk: Callable[..., Any],
+    params: Grads,
+    inputs: Tensor,
+    targets: Tensor,
+    groups: Tensor,
+    size: int,
+    progress: bool,
+) -> GradStats:
+    labels, index = torch.unique(groups, return_inverse=True)
+    g_count = labels.numel()
+    sums = {k: torch.zeros((g_count, *v.shape), dtype=v.dtype, device=v.device) for k, v in params.items()}
+    counts = torch.zeros(g_count, dtype=next(iter(params.values())).dtype, device=inputs.device)
+    n = inputs.size(0)
+    for rows in _chunks(n, size):
+        grads = per_chunk(params, inputs[rows], targets[rows])
+        for k, g in grads.items():
+            sums[k].index_add_(0, index[rows], g)
+        counts.index_add_(0, index[rows], torch.ones_like(index[rows], dtype=counts.dtype))
+        if progress:
+            print(f"\rgrad_stats: {rows.stop}/{n} samples", end="", file=sys.stderr)
+    if progress:
+        print(file=sys.stderr)
+    acc = _Running(params)
+    acc.add({k: s / counts.reshape((-1,) + (1,) * (s.dim() - 1)) for k, s in sums.items()})
+    return acc.result()

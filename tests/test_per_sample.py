@@ -1,0 +1,260 @@
+"""Per-sample gradients, streamed statistics and sign inspection against their definitions."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import funcloss as fl
+
+D = torch.float64
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.conv(x))
+        out: Tensor = self.fc(nn.functional.max_pool2d(h, 2).flatten(1))
+        return out
+
+
+class Bag(nn.Module):
+    """Embedding + Linear: token ids -> class scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc(self.emb(x).mean(1))
+        return out
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _setup(kind: str) -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        return _mlp().double(), torch.randn(11, 5, generator=g, dtype=D), torch.randint(0, 3, (11,), generator=g)
+    if kind == "cnn":
+        return (
+            SmallCNN().double(),
+            torch.randn(7, 1, 8, 8, generator=g, dtype=D),
+            torch.randint(0, 4, (7,), generator=g),
+        )
+    return Bag().double(), torch.randint(0, 20, (9, 5), generator=g), torch.randint(0, 3, (9,), generator=g)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "cross_entropy": fl.cross_entropy,
+    "smoothed_ce": functools.partial(fl.cross_entropy, label_smoothing=0.2),
+    "multi_margin": fl.multi_margin_loss,
+}
+
+
+def _loop(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    names = [n for n, _ in model.named_parameters()]
+    rows = [
+        torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]), list(model.parameters())) for i in range(len(x))
+    ]
+    return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "bag"])
+def test_per_sample_grads_match_a_loop(kind: str, loss: str, chunk: int | None) -> None:
+    model, x, y = _setup(kind)
+    ours = fl.per_sample_grads(model, LOSSES[loss], x, y, chunk_size=chunk)
+    expected = _loop(model, LOSSES[loss], x, y)
+    assert list(ours) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "bag"])
+def test_grad_stats_match_their_definitions(kind: str, chunk: int) -> None:
+    model, x, y = _setup(kind)
+    g = _loop(model, fl.cross_entropy, x, y)
+    s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=chunk)
+    assert s.count == len(x)
+    flat = torch.cat([v.reshape(len(x), -1) for v in g.values()], dim=1)
+    for name, v in g.items():
+        torch.testing.assert_close(s.mean[name], v.mean(0))
+        torch.testing.assert_close(s.variance[name], v.var(0, unbiased=True))
+        torch.testing.assert_close(s.sign_agreement[name], v.sign().mean(0).abs())
+        torch.testing.assert_close(s.zeros[name], (v == 0).sum(0).to(D))
+        # Untouched parameters (unused embedding rows) have 0 / 0: NaN on both sides.
+        torch.testing.assert_close(s.gsnr[name], v.mean(0) ** 2 / v.var(0), equal_nan=True)
+    torch.testing.assert_close(s.sq_norms, (flat**2).sum(1))
+    torch.testing.assert_close(s.coherence, flat.sum(0).pow(2).sum() / (flat**2).sum())
+
+
+def test_grad_stats_over_groups_use_group_means() -> None:
+    model, x, y = _setup("mlp")
+    groups = torch.tensor([0, 1, 1, 2, 0, 2, 2, 1, 0, 0, 1])
+    g = _loop(model, fl.cross_entropy, x, y)
+    s = fl.grad_stats(model, fl.cross_entropy, x, y, groups=groups, chunk_size=4)
+    assert s.count == 3
+    for name, v in g.items():
+        means = torch.stack([v[groups == k].mean(0) for k in range(3)])
+        torch.testing.assert_close(s.mean[name], means.mean(0))
+        torch.testing.assert_close(s.variance[name], means.var(0))
+        torch.testing.assert_close(s.sign_agreement[name], means.sign().mean(0).abs())
+
+
+def test_model_is_left_untouched() -> None:
+    model, x, y = _setup("mlp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fl.per_sample_grads(model, fl.cross_entropy, x, y)
+    fl.grad_stats(model, fl.cross_entropy, x, y)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_batchnorm_in_training_mode_is_refused_with_advice() -> None:
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double()
+    x, y = torch.randn(6, 5, dtype=D), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match=r"BatchNorm1d.*mixes the batch.*eval\(\).*GroupNorm"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y)
+    model.eval()
+    ours = fl.per_sample_grads(model, fl.cross_entropy, x, y)
+    expected = _loop(model, fl.cross_entropy, x, y)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name])
+
+
+def test_dropout_follows_the_randomness_option() -> None:
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
+    x, y = torch.randn(6, 5, dtype=D), torch.randint(0, 3, (6,))
+    fl.per_sample_grads(model, fl.cross_entropy, x, y)  # "different" by default
+    with pytest.raises(RuntimeError, match="randomness"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y, randomness="error")
+
+
+def test_bad_batches_are_refused() -> None:
+    model, x, y = _setup("mlp")
+    with pytest.raises(ValueError, match="same batch size"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y[:3])
+    with pytest.raises(ValueError, match="integer groups"):
+        fl.grad_stats(model, fl.cross_entropy, x, y, groups=torch.zeros(11))
+
+
+def test_per_sample_grad_transform_on_a_params_dict() -> None:
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(4, 2, generator=g, dtype=D), "b": torch.zeros(2, dtype=D)}
+    xs, ys = torch.randn(5, 4, generator=g, dtype=D), torch.randn(5, 2, generator=g, dtype=D)
+
+    def loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return fl.huber_loss(x @ p["w"] + p["b"], y)
+
+    grads = fl.per_sample_grad(loss)(params, xs, ys)
+    for i in range(5):
+        w = params["w"].clone().requires_grad_(True)
+        b = params["b"].clone().requires_grad_(True)
+        gw, gb = torch.autograd.grad(loss({"w": w, "b": b}, xs[i], ys[i]), (w, b))
+        torch.testing.assert_close(grads["w"][i], gw)
+        torch.testing.assert_close(grads["b"][i], gb)
+    # Both arguments, by position, chunked.
+    gx = fl.per_sample_grad(loss, argnums=1, in_dims=(None, 0, 0), chunk_size=2)(params, xs, ys)
+    assert gx.shape == xs.shape
+
+
+# ---------------------------------------------------------------- signs
+
+
+def test_sign_agreement_and_and_mask_definitions() -> None:
+    g = {"w": torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, 1.0, 0.0, 1.0], [0.5, -1.0, 1.0, -1.0], [1.0, 2.0, 0.0, 1.0]])}
+    agreement = fl.sign_agreement(g)["w"]
+    torch.testing.assert_close(agreement, torch.tensor([1.0, 0.0, 0.25, 0.5]))
+    mask = fl.and_mask(g, 0.5)["w"]
+    torch.testing.assert_close(mask, torch.tensor([1.125, 0.0, 0.0, 1.0]))
+    rescaled = fl.and_mask(g, 0.5, rescale=True)["w"]
+    torch.testing.assert_close(rescaled, mask * 2)
+    with pytest.raises(ValueError, match="threshold in"):
+        fl.and_mask(g, 1.5)
+
+
+def test_sign_functions_accept_grad_stats() -> None:
+    model, x, y = _setup("mlp")
+    s = fl.grad_stats(model, fl.cross_entropy, x, y)
+    g = _loop(model, fl.cross_entropy, x, y)
+    for name in g:
+        torch.testing.assert_close(fl.sign_agreement(s)[name], fl.sign_agreement(g)[name])
+        torch.testing.assert_close(fl.and_mask(s, 0.3)[name], fl.and_mask(g, 0.3)[name])
+    report = str(fl.sign_report(s))
+    assert "0.weight" in report and "GSNR" in report
+
+
+def test_gradient_conflicts_between_terms() -> None:
+    a = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=D)
+    params = {"w": torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=D)}
+    terms = {
+        "pull": lambda p: (p["w"] * a).sum(),
+        "push": lambda p: -(p["w"] * a).sum(),
+        "other": lambda p: (p["w"] * torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=D)).sum(),
+    }
+    c = fl.gradient_conflicts(terms, params)
+    torch.testing.assert_close(c.cosine[0, 1], torch.tensor(-1.0, dtype=D))
+    torch.testing.assert_close(c.sign_disagreement[0, 1], torch.tensor(0.75, dtype=D))
+    expected = float((a @ torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=D)) / (a.norm() * 3**0.5))
+    assert c.cosine[0, 2].item() == pytest.approx(expected)
+    assert c.conflicting_pairs()[0][:2] == ("pull", "push")
+    assert "cosine" in str(c)
+
+
+def test_gradient_conflicts_of_a_loss_sum_through_a_model() -> None:
+    model, x, y = _setup("mlp")
+    terms: dict[str, Callable[..., Tensor]] = {"ce": fl.cross_entropy, "margin": fl.multi_margin_loss}
+    mix = fl.loss_sum(terms, weights={"margin": 0.5})
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    c = fl.gradient_conflicts(fl.model_terms(model, mix), params, x, y)
+    (g_ce,) = [torch.autograd.grad(fl.cross_entropy(model(x), y), list(model.parameters()))]
+    for k, (name, _) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(c.grads["ce"][name], g_ce[k])
+    margin = torch.autograd.grad(0.5 * fl.multi_margin_loss(model(x), y), list(model.parameters()))
+    for k, (name, _) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(c.grads["margin"][name], margin[k])
+
+
+def test_grad_stats_memory_does_not_grow_with_the_batch() -> None:
+    """Peak RSS at B=1024 within 10% of B=256 (holding B x P gradients would quadruple it)."""
+    script = textwrap.dedent(
+        """
+        import resource, sys, torch
+        import funcloss as fl
+        torch.manual_seed(0)
+        n = int(sys.argv[1])
+        model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Tanh(), torch.nn.Linear(512, 10))
+        x, y = torch.randn(n, 512), torch.randint(0, 10, (n,))
+        fl.grad_stats(model, fl.cross_entropy, x[:32], y[:32], chunk_size=32)  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=32)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, before)
+        """
+    )
+
+    def peak(n: int) -> int:
+        out = subprocess.run([sys.executable, "-c", script, str(n)], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[0])
+
+    small, large = peak(256), peak(1024)
+    # B x P for B = 1024 would be 1024 * 267k * 4 bytes ~ 1 GiB more than the 256 case.
+    assert large <= small * 1.10, (small, large)
