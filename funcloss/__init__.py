@@ -31,6 +31,7 @@ from ._signs import SignReport as SignReport
 from ._signs import and_mask as and_mask
 from ._signs import gradient_conflicts as gradient_conflicts
 from ._signs import model_terms as model_terms
+from ._signs import sample_disagreement as sample_disagreement
 from ._signs import sign_agreement as sign_agreement
 from ._signs import sign_report as sign_report
 from ._typing import DistanceFunction as DistanceFunction
@@ -115,6 +116,7 @@ __all__ = [
     "poisson_nll_loss",
     "reduce",
     "reduced",
+    "sample_disagreement",
     "scaled",
     "sign_agreement",
     "sign_report",

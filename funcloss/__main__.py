@@ -1,4 +1,4 @@
-"""Command line: ``python -m funcloss check | bench``."""
+"""Command line: ``python -m funcloss check | demo | bench``."""
 
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--compile", action="store_true", help="also try torch.compile (slow: seconds per loss)")
     check.add_argument("--loss", action="append", help="only this loss (repeatable)")
 
-    bench = sub.add_parser("bench", help="time funcloss against torch.nn.functional")
-    bench.add_argument("what", nargs="?", default="losses", choices=["losses"])
+    demo = sub.add_parser("demo", help="train a small classifier functionally, then inspect its gradient signs")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo.add_argument("--plot", default="funcloss-demo.png", help="where to write the PNG (needs matplotlib)")
+    demo.add_argument("--no-plot", action="store_true", help="do not write a plot")
+
+    bench = sub.add_parser("bench", help="time funcloss against torch.nn.functional, Opacus and loops")
+    bench.add_argument("what", nargs="?", default="losses", choices=["losses", "persample", "memory"])
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
     bench.add_argument("--loss", action="append", help="only this loss (repeatable)")
@@ -37,7 +42,21 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown loss {unknown}; choose from {sorted(CASES)}")
         return run(args.device, DTYPES[args.dtype], names=args.loss, compile=args.compile)
+    if args.command == "demo":
+        from ._demo import run as run_demo
+
+        if args.steps < 1:
+            parser.error(f"--steps: expected a positive number of steps, got {args.steps}")
+        return run_demo(args.steps, None if args.no_plot else args.plot)
     if args.command == "bench":
+        if args.what == "persample":
+            from ._bench.persample import run as run_persample
+
+            return run_persample(rounds=args.rounds)
+        if args.what == "memory":
+            from ._bench.memory import run as run_memory
+
+            return run_memory()
         from ._bench.timing import run_losses
 
         return run_losses(args.device, rounds=args.rounds, names=args.loss)

@@ -15,7 +15,16 @@ from ._per_sample import GradStats
 
 Grads = dict[str, Tensor]
 
-__all__ = ["Conflicts", "SignReport", "and_mask", "gradient_conflicts", "model_terms", "sign_agreement", "sign_report"]
+__all__ = [
+    "Conflicts",
+    "SignReport",
+    "and_mask",
+    "gradient_conflicts",
+    "model_terms",
+    "sample_disagreement",
+    "sign_agreement",
+    "sign_report",
+]
 
 
 def sign_agreement(grads: Mapping[str, Tensor] | GradStats) -> Grads:
@@ -31,6 +40,31 @@ def sign_agreement(grads: Mapping[str, Tensor] | GradStats) -> Grads:
     if isinstance(grads, GradStats):
         return grads.sign_agreement
     return {k: g.sign().mean(0).abs() for k, g in grads.items()}
+
+
+def sample_disagreement(grads: Mapping[str, Tensor], threshold: float = 0.5) -> Tensor:
+    """Per sample, how often it pushes against the batch where the batch agrees.
+
+    Over the parameter elements whose sign agreement is at least ``threshold`` (the batch's
+    consensus), the fraction where the sample's gradient has the opposite sign. Mislabelled or
+    atypical samples score high.
+
+    Args:
+        grads: ``{name: (B, ...)}`` per-sample gradients.
+        threshold: agreement that makes an element part of the consensus (0.5: three quarters of
+            the samples agree).
+
+    Returns:
+        ``(B,)``, each in [0, 1]; NaN if no element reaches the threshold.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"sample_disagreement(...): expected threshold in [0, 1], got {threshold}.")
+    b = next(iter(grads.values())).size(0)
+    signs = torch.cat([g.reshape(b, -1).sign() for g in grads.values()], dim=1)
+    majority = signs.mean(0)
+    consensus = majority.abs() >= threshold
+    against = (signs * majority.sign() < 0) & consensus
+    return against.sum(1).to(majority.dtype) / consensus.sum().to(majority.dtype)
 
 
 def _mean(grads: Mapping[str, Tensor] | GradStats) -> Grads:

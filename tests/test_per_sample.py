@@ -258,3 +258,29 @@ def test_grad_stats_memory_does_not_grow_with_the_batch() -> None:
     small, large = peak(256), peak(1024)
     # B x P for B = 1024 would be 1024 * 267k * 4 bytes ~ 1 GiB more than the 256 case.
     assert large <= small * 1.10, (small, large)
+
+
+def test_sample_disagreement_definition() -> None:
+    g = {
+        "w": torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]]),
+        "b": torch.tensor([[2.0], [3.0], [1.0], [0.0]]),
+    }
+    # Consensus at threshold 0.5: w[0], w[1] (3 of 4 positive), w[2] (3 of 4 positive); b: 3 of 4
+    # positive, one zero (an abstention, never "against").
+    out = fl.sample_disagreement(g, threshold=0.5)
+    torch.testing.assert_close(out, torch.tensor([1 / 4, 0.0, 0.0, 2 / 4]))
+    with pytest.raises(ValueError, match="threshold in"):
+        fl.sample_disagreement(g, threshold=2.0)
+
+
+def test_demo_finds_the_flipped_labels(tmp_path: object) -> None:
+    import io
+
+    from funcloss._demo import run
+
+    out = io.StringIO()
+    assert run(steps=120, plot=None, out=out) == 0
+    text = out.getvalue()
+    assert "per-layer gradient signs" in text and "GSNR" in text
+    found = int(text.split(" of these ")[0].rsplit("\n", 1)[-1])
+    assert found >= 6, text  # 12 flipped labels among 600: chance finds 0.2 of them
