@@ -70,7 +70,9 @@ def run(rounds: int = 5) -> int:
             t[label] = time.perf_counter() - start
         ratios.append(t["ours"] / t["theirs"])
     print(
-        f"  peak extra memory: funcloss {ours_mb:.0f} MiB, cross_entropy(linear(...)) {theirs_mb:.0f} MiB, ratio {ours_mb / theirs_mb:.2f}"
+        f"  peak extra memory: funcloss {ours_mb:.0f} MiB, cross_entropy(linear(...)) {theirs_mb:.0f} MiB, "
+        f"ratio {ours_mb / theirs_mb:.2f}"
     )
-    print(f"  time ratio funcloss / unchunked: {statistics.median(ratios):.2f} (median of {rounds} interleaved rounds)")
+    median = statistics.median(ratios)
+    print(f"  time ratio funcloss / unchunked: {median:.2f} (median of {rounds} interleaved rounds)")
     return 0
