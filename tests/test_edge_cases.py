@@ -251,3 +251,38 @@ def test_invalid_reduction_raises_value_error_like_torch(row: Row) -> None:
 
 def test_every_registry_row_is_exported() -> None:
     assert set(ROWS) <= set(fl.__all__)
+
+
+# ---------------------------------------------------------------- the eager fast path
+
+FUSED = [
+    ("l1_loss", {}),
+    ("mse_loss", {}),
+    ("huber_loss", {"delta": 0.7}),
+    ("smooth_l1_loss", {"beta": 0.4}),
+    ("smooth_l1_loss", {"beta": 0.0}),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize(("name", "kwargs"), FUSED, ids=[f"{n}-{k}" for n, k in FUSED])
+def test_large_inputs_take_the_fast_path_and_still_match_torch(
+    name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str
+) -> None:
+    """Large eager inputs reduce through dot products; values, gradients (input and target) and
+    second derivatives (create_graph) must still be torch's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 300, generator=g, dtype=dtype, requires_grad=True)
+    y = torch.randn(300, 300, generator=g, dtype=dtype, requires_grad=True)
+    ours = getattr(fl, name)(x, y, reduction=reduction, **kwargs)
+    theirs = getattr(F, name)(x, y, reduction=reduction, **kwargs)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=0.0)
+    g_ours = torch.autograd.grad(ours, (x, y), create_graph=True)
+    g_theirs = torch.autograd.grad(theirs, (x, y), create_graph=True)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b)
+    (h_ours,) = torch.autograd.grad((g_ours[0] ** 2).sum(), x)
+    (h_theirs,) = torch.autograd.grad((g_theirs[0] ** 2).sum(), x)
+    torch.testing.assert_close(h_ours, h_theirs)

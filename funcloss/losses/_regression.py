@@ -10,6 +10,7 @@ from torch import Tensor
 from .._checks import check_reduction, check_values, warn_if_broadcast
 from .._combinators import reduce, weighted_reduce
 from .._typing import Reduction
+from ._fused import fused_difference_loss, use_fused
 
 
 def _elementwise_weight(fn: str, weight: Tensor | None, input: Tensor) -> None:
@@ -50,6 +51,8 @@ def l1_loss(
     warn_if_broadcast("l1_loss", input, target)
     check_reduction("l1_loss", reduction)
     _elementwise_weight("l1_loss", weight, input)
+    if weight is None and use_fused(input, target, reduction):
+        return fused_difference_loss(input, target, "l1", reduction)
     x, y = input, target
     return weighted_reduce((x - y).abs(), weight, reduction)
 
@@ -79,6 +82,8 @@ def mse_loss(
     warn_if_broadcast("mse_loss", input, target)
     check_reduction("mse_loss", reduction)
     _elementwise_weight("mse_loss", weight, input)
+    if weight is None and use_fused(input, target, reduction):
+        return fused_difference_loss(input, target, "mse", reduction)
     x, y = input, target
     d = x - y
     return weighted_reduce(d * d, weight, reduction)
@@ -126,6 +131,8 @@ def huber_loss(
             "non-positive values for delta."
         )
     _elementwise_weight("huber_loss", weight, input)
+    if weight is None and use_fused(input, target, reduction):
+        return fused_difference_loss(input, target, "huber", reduction, delta=delta)
     x, y = input, target
     values = _huber_values(x - y, delta)
     if weight is not None:
@@ -164,6 +171,8 @@ def smooth_l1_loss(
             f"smooth_l1_loss(...): expected beta >= 0, got {beta}. smooth_l1_loss does not support "
             "negative values for beta."
         )
+    if beta > 0.0 and use_fused(input, target, reduction):
+        return fused_difference_loss(input, target, "huber", reduction, delta=beta, scale=1.0 / beta)
     x, y = input, target
     d = x - y
     if beta == 0.0:

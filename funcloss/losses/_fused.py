@@ -1,0 +1,78 @@
+"""An eager fast path for the reduced difference losses (l1, mse, huber, smooth_l1).
+
+On large inputs these losses are bound by memory traffic: every intermediate of a composition
+of primitives is a full pass over memory, where torch's fused kernels make one. For the
+``"mean"``/``"sum"`` reductions this function reduces through dot products (no tensor of
+values is formed) and its backward recomputes the derivative from ``input`` and ``target``
+with differentiable primitives, so a second derivative in eager mode (a gradient penalty,
+``torch.autograd.functional.hessian``) stays exact. Under torch.func transforms and
+torch.compile the losses use their plain composition instead (see `use_fused`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .._checks import is_eager
+
+Kind = Literal["l1", "mse", "huber"]
+
+# Below this many elements the composition is as fast and has less call overhead.
+_MIN_ELEMENTS = 1 << 16
+
+
+def use_fused(input: Tensor, target: Tensor, reduction: str) -> bool:
+    return (
+        reduction != "none"
+        and input.numel() >= _MIN_ELEMENTS
+        and input.shape == target.shape
+        and input.dtype == target.dtype
+        and input.dtype in (torch.float32, torch.float64)
+        and is_eager()
+    )
+
+
+class _DifferenceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, kind: Kind, delta: float, factor: float) -> Tensor:
+        d = (input - target).reshape(-1)
+        if kind == "mse":
+            total = torch.dot(d, d)
+        elif kind == "l1":
+            total = torch.linalg.vector_norm(d, ord=1)
+        else:
+            c = F.hardtanh(d, -delta, delta)
+            total = torch.dot(c, d) - 0.5 * torch.dot(c, c)
+        return total * factor
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        input, target, kind, delta, factor = inputs
+        ctx.save_for_backward(input, target)
+        ctx.kind, ctx.delta, ctx.factor = kind, delta, factor
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        input, target = ctx.saved_tensors
+        d = input - target
+        if ctx.kind == "mse":
+            dx = d * (grad * (2.0 * ctx.factor))
+        elif ctx.kind == "l1":
+            dx = d.sign() * (grad * ctx.factor)
+        else:
+            dx = F.hardtanh(d, -ctx.delta, ctx.delta) * (grad * ctx.factor)
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (dx if need_x else None), (-dx if need_y else None), None, None, None
+
+
+def fused_difference_loss(
+    input: Tensor, target: Tensor, kind: Kind, reduction: str, *, delta: float = 1.0, scale: float = 1.0
+) -> Tensor:
+    """``reduce(loss(input - target))`` for l1 / mse / huber (``delta``), times ``scale``."""
+    factor = scale / input.numel() if reduction == "mean" else scale
+    out: Tensor = _DifferenceLoss.apply(input, target, kind, delta, factor)  # type: ignore[no-untyped-call]
+    return out
