@@ -284,3 +284,20 @@ def test_demo_finds_the_flipped_labels(tmp_path: object) -> None:
     assert "per-layer gradient signs" in text and "GSNR" in text
     found = int(text.split(" of these ")[0].rsplit("\n", 1)[-1])
     assert found >= 6, text  # 12 flipped labels among 600: chance finds 0.2 of them
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+def test_per_sample_and_stats_on_each_device(device: str) -> None:
+    model, x, y = _setup("cnn")
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=3)
+    expected = _loop(model, fl.cross_entropy, x, y)
+    for name in expected:
+        assert grads[name].device.type == device
+        torch.testing.assert_close(grads[name], expected[name])
+    stats = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4)
+    for name in expected:
+        torch.testing.assert_close(stats.mean[name], expected[name].mean(0))

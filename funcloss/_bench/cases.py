@@ -340,12 +340,16 @@ def _make_ctc(s: Sampler, o: Options) -> Example:
     steps, batch, classes, width = o["size"]
     blank = 0 if o["blank"] == "first" else classes - 1
     logits = s.normal((steps, batch, classes), 2.0)
-    tl = s.integers((batch,), 0, width + 1)
+    # "full": every input uses all T steps and targets are 2/3 to all of S long (the benchmark's
+    # workload); "random": any feasible lengths.
+    tl = s.integers((batch,), (2 * width) // 3 if o["lengths"] == "full" else 0, width + 1)
     labels = s.integers((batch, width), 1, classes) - (0 if blank == 0 else 1)  # never the blank
     # Each sequence gets at least as many steps as its target needs, unless asked not to.
     repeats = ((labels[:, 1:] == labels[:, :-1]) & (torch.arange(1, width, device=labels.device) < tl[:, None])).sum(1)
     need = (tl + repeats).clamp_max(steps)
     il = need + (s.integers((batch,), 0, steps + 1) % (steps - need + 1))
+    if o["lengths"] == "full":
+        il = torch.full_like(il, steps)
     if not o["feasible"] and int(tl.max()) > 0:
         k = int(tl.argmax())
         il = il.clone()
@@ -617,13 +621,14 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
                 "zero_infinity": [False, True],
                 "feasible": [True, False],
                 "blank": ["first", "last"],
+                "lengths": ["random", "full"],
             },
             torch_breaks=frozenset({"vmap", "jvp", "hessian"}),
             half=False,
             sizes={
-                "small": {"size": (20, 4, 10, 5)},
-                "large": {"size": (200, 16, 40, 30)},
-                "vmap": {"size": (50, 16, 20, 10)},
+                "small": {"size": (20, 4, 10, 5), "lengths": "full"},
+                "large": {"size": (200, 16, 40, 30), "lengths": "full"},
+                "vmap": {"size": (50, 16, 20, 10), "lengths": "full"},
             },
         ),
         LossCase(
