@@ -216,12 +216,17 @@ def grad_stats(
     groups: Tensor | None = None,
     randomness: Randomness = "different",
     progress: bool = False,
+    method: Literal["auto", "vmap"] = "auto",
     **loss_kwargs: Any,
 ) -> GradStats:
     """Statistics of the per-sample gradients, computed chunk by chunk.
 
-    Never holds ``B x P`` per-sample gradients: each chunk's ``chunk_size x P`` gradients are
-    folded into running sums (Chan et al.'s pairwise update for the variance) and dropped.
+    Never holds ``B x P`` per-sample gradients. When every trainable parameter belongs to an
+    ``nn.Linear`` or ``nn.Embedding`` (``method="auto"``), the statistics come from per-layer
+    moments of one batched forward and backward per chunk, without per-sample gradients at all
+    (see ``funcloss._moments``). Otherwise each chunk's ``chunk_size x P`` per-sample gradients
+    (``vmap(grad)``) are folded into running sums (Chan et al.'s pairwise update for the
+    variance) and dropped.
 
     Args:
         model, loss_fn, inputs, targets, randomness, **loss_kwargs: as in `per_sample_grads`.
@@ -231,6 +236,8 @@ def grad_stats(
             then over the groups' mean gradients, one "sample" per group, as the AND-mask
             of Parascandolo et al. uses per-environment gradients. Memory ``G x P``.
         progress: print a progress line to stderr.
+        method: ``"auto"`` (per-layer moments where the layers allow, else ``vmap``) or
+            ``"vmap"`` (always per-sample gradients per chunk).
 
     References:
         Liu, J. et al. "Understanding Why Neural Networks Generalize Well Through GSNR of
@@ -256,6 +263,16 @@ def grad_stats(
                 f"grad_stats(...): expected integer groups of shape ({n},), got {groups.dtype} {tuple(groups.shape)}."
             )
         return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
+    if method not in ("auto", "vmap"):
+        raise ValueError(f"grad_stats(...): expected method 'auto' or 'vmap', got {method!r}.")
+    if method == "auto" and randomness == "different":
+        from ._moments import layer_moments
+
+        fast = layer_moments(
+            model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs, progress=progress
+        )
+        if fast is not None:
+            return fast
 
     acc = _Running(params)
     chunks = list(_chunks(n, size))

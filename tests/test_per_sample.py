@@ -301,3 +301,63 @@ def test_per_sample_and_stats_on_each_device(device: str) -> None:
     stats = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4)
     for name in expected:
         torch.testing.assert_close(stats.mean[name], expected[name].mean(0))
+
+
+class SeqModel(nn.Module):
+    """Embedding with padding, a Linear on (B, T, D) sequences, then a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(15, 4, padding_idx=0)
+        self.mix = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.head(torch.tanh(self.mix(self.emb(x))).mean(1))
+        return out
+
+
+class WithNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.out(self.norm(self.fc(x)))
+        return out
+
+
+@pytest.mark.parametrize("kind", ["seq", "norm", "shared"])
+def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
+    """The per-layer-moment path (or its fallback) against a loop of single-sample gradients."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    model: nn.Module
+    if kind == "seq":
+        model = SeqModel().double()
+        x = torch.randint(0, 15, (9, 6), generator=g)
+        x[:, -2:] = 0  # padding tokens
+    elif kind == "norm":
+        model, x = WithNorm().double(), torch.randn(9, 5, generator=g, dtype=D)
+    else:
+        layer = nn.Linear(5, 5)
+        model, x = (
+            nn.Sequential(layer, nn.Tanh(), layer, nn.Linear(5, 3)).double(),
+            torch.randn(9, 5, generator=g, dtype=D),
+        )
+    y = torch.randint(0, 3, (9,), generator=g)
+    expected = _loop(model, fl.cross_entropy, x, y)
+    flat = torch.cat([v.reshape(9, -1) for v in expected.values()], dim=1)
+    for method in ("auto", "vmap"):
+        s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4, method=method)
+        for name, v in expected.items():
+            torch.testing.assert_close(s.mean[name], v.mean(0))
+            torch.testing.assert_close(s.variance[name], v.var(0))
+            torch.testing.assert_close(s.sign_sum[name], v.sign().sum(0))
+            torch.testing.assert_close(s.zeros[name], (v == 0).sum(0).to(D))
+        torch.testing.assert_close(s.sq_norms, (flat**2).sum(1))
+        torch.testing.assert_close(s.coherence, flat.sum(0).pow(2).sum() / (flat**2).sum())
+    with pytest.raises(ValueError, match="method"):
+        fl.grad_stats(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
