@@ -55,15 +55,21 @@ class _Moments:
         norms += (g * g).reshape(g.size(0), -1).sum(1)
 
     def add_outer(self, name: str, g: Tensor, a: Tensor, norms: Tensor) -> None:
-        """Fold per-sample gradients ``g_i a_i^T`` given ``G`` (b, out) and ``A`` (b, in)."""
-        g, a = g.double(), a.double()
+        """Fold per-sample gradients ``g_i a_i^T`` given ``G`` (b, out) and ``A`` (b, in).
+
+        The four products run as one batched matmul in the data's dtype (a chunk's sums are
+        short); the running sums are float64.
+        """
         g2, a2 = g * g, a * a
         sg, sa = g.sign(), a.sign()
-        self.sum[name] += g.T @ a
-        self.sumsq[name] += g2.T @ a2
-        self.signs[name] += sg.T @ sa
-        self.nonzero[name] += sg.abs().T @ sa.abs()
-        norms += g2.sum(1) * a2.sum(1)
+        left = torch.stack([g, g2, sg, sg.abs()]).transpose(1, 2)
+        right = torch.stack([a, a2, sa, sa.abs()])
+        total, squares, signs, nonzero = torch.bmm(left, right).double()
+        self.sum[name] += total
+        self.sumsq[name] += squares
+        self.signs[name] += signs
+        self.nonzero[name] += nonzero
+        norms += (g2.sum(1) * a2.sum(1)).double()
 
     def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
         mean = {k: (s / count).to(params[k].dtype) for k, s in self.sum.items()}
