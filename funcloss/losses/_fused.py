@@ -1,4 +1,4 @@
-"""An eager fast path for the reduced difference losses (l1, mse, huber, smooth_l1).
+"""An eager fast path for large reduced l1, mse, huber, smooth_l1 and BCE-with-logits.
 
 On large inputs these losses are bound by memory traffic: every intermediate of a composition
 of primitives is a full pass over memory, where torch's fused kernels make one. For the
@@ -75,4 +75,34 @@ def fused_difference_loss(
     """``reduce(loss(input - target))`` for l1 / mse / huber (``delta``), times ``scale``."""
     factor = scale / input.numel() if reduction == "mean" else scale
     out: Tensor = _DifferenceLoss.apply(input, target, kind, delta, factor)  # type: ignore[no-untyped-call]
+    return out
+
+
+class _LogitsBCE(torch.autograd.Function):
+    """``sum(softplus(x) - y x)``, the unweighted BCE-with-logits total, and its recomputing backward."""
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
+        x, y = input.reshape(-1), target.reshape(-1)
+        return (F.softplus(x).sum() - torch.dot(x, y)) * factor
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        input, target, factor = inputs
+        ctx.save_for_backward(input, target)
+        ctx.factor = factor
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        input, target = ctx.saved_tensors
+        scale = grad * ctx.factor
+        dx = (torch.sigmoid(input) - target) * scale if ctx.needs_input_grad[0] else None
+        dy = input * -scale if ctx.needs_input_grad[1] else None
+        return dx, dy, None
+
+
+def fused_logits_bce(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """Mean or sum of ``softplus(x) - y x`` (= BCE with logits, no weights)."""
+    factor = 1.0 / input.numel() if reduction == "mean" else 1.0
+    out: Tensor = _LogitsBCE.apply(input, target, factor)  # type: ignore[no-untyped-call]
     return out

@@ -12,6 +12,7 @@ from torch import Tensor
 from .._checks import check_reduction, check_same_shape, check_values
 from .._combinators import batchmean, reduce
 from .._typing import KLDivReduction, Reduction
+from ._fused import fused_logits_bce, use_fused
 
 # torch clamps each log term of BCE at -100 and its gradient's denominator p(1 - p) at 1e-12.
 _LOG_FLOOR = -100.0
@@ -99,6 +100,8 @@ def binary_cross_entropy_with_logits(
     """
     check_reduction("binary_cross_entropy_with_logits", reduction)
     check_same_shape("binary_cross_entropy_with_logits", input, target)
+    if weight is None and pos_weight is None and use_fused(input, target, reduction):
+        return fused_logits_bce(input, target, reduction)
     log_sig = F.logsigmoid(input)
     if pos_weight is None:
         values = (1 - target) * input - log_sig
