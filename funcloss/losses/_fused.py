@@ -106,3 +106,36 @@ def fused_logits_bce(input: Tensor, target: Tensor, reduction: str) -> Tensor:
     factor = 1.0 / input.numel() if reduction == "mean" else 1.0
     out: Tensor = _LogitsBCE.apply(input, target, factor)  # type: ignore[no-untyped-call]
     return out
+
+
+class _ProbabilityBCE(torch.autograd.Function):
+    """``-sum(y log p + (1 - y) log(1 - p))`` for p strictly inside (1e-12, 1 - 1e-12), where
+    torch's clamps cannot act, and its recomputing backward ``(p - y) / (p (1 - p))``."""
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
+        p, y = input.reshape(-1), target.reshape(-1)
+        log_p, log_q = torch.log(p), torch.log1p(-p)
+        # y log p + (1 - y) log q = log q + y (log p - log q)
+        return -(log_q.sum() + torch.dot(y, log_p - log_q)) * factor
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        input, target, factor = inputs
+        ctx.save_for_backward(input, target)
+        ctx.factor = factor
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        p, y = ctx.saved_tensors
+        scale = grad * ctx.factor
+        dp = (p - y) / (p * (1 - p)) * scale if ctx.needs_input_grad[0] else None
+        dy = (torch.log1p(-p) - torch.log(p)) * scale if ctx.needs_input_grad[1] else None
+        return dp, dy, None
+
+
+def fused_probability_bce(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """Mean or sum of BCE on probabilities known to lie strictly inside (1e-12, 1 - 1e-12)."""
+    factor = 1.0 / input.numel() if reduction == "mean" else 1.0
+    out: Tensor = _ProbabilityBCE.apply(input, target, factor)  # type: ignore[no-untyped-call]
+    return out

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_reduction, check_same_shape, check_values
+from .._checks import check_reduction, check_same_shape, is_eager
 from .._combinators import batchmean, reduce
 from .._typing import KLDivReduction, Reduction
-from ._fused import fused_logits_bce, use_fused
+from ._fused import fused_logits_bce, fused_probability_bce, use_fused
 
 # torch clamps each log term of BCE at -100 and its gradient's denominator p(1 - p) at 1e-12.
 _LOG_FLOOR = -100.0
@@ -63,12 +63,18 @@ def binary_cross_entropy(
             f"binary_cross_entropy(...): expected target of the input's dtype {input.dtype}, got "
             f"{target.dtype}. Convert it with target.to(input.dtype)."
         )
-    check_values(
-        (input >= 0) & (input <= 1),
-        RuntimeError,
-        "binary_cross_entropy(...): expected all elements of input to be between 0 and 1, got "
-        "values outside. Apply sigmoid, or use binary_cross_entropy_with_logits on logits.",
-    )
+    interior = False
+    if is_eager() and input.numel():
+        # One pass for the range check; the same min/max say whether torch's clamps can act.
+        low, high = torch.stack(list(torch.aminmax(input.detach()))).double().tolist()
+        if not (low >= 0.0 and high <= 1.0):  # also catches NaN
+            raise RuntimeError(
+                "binary_cross_entropy(...): expected all elements of input to be between 0 and 1, got values "
+                f"in [{low}, {high}]. Apply sigmoid, or use binary_cross_entropy_with_logits on logits."
+            )
+        interior = low >= _GRAD_FLOOR and 1.0 - high >= _GRAD_FLOOR
+    if interior and weight is None and use_fused(input, target, reduction):
+        return fused_probability_bce(input, target, reduction)
     values = -(target * _bce_log(input) + (1 - target) * _bce_log(1 - input))
     if weight is not None:
         values = values * weight
