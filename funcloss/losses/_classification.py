@@ -64,7 +64,7 @@ def _picked(
     """Per position: ``-w[y] logp[y]`` (0 where ignored), the weight ``w[y]`` (0 where ignored)
     and the keep mask."""
     keep = target != ignore_index
-    safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    safe = torch.where(keep, target, 0)
     picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     kept = keep.to(logp.dtype)
     w = kept if weight is None else weight[safe] * kept
@@ -74,9 +74,10 @@ def _picked(
 def _over(total: Tensor, denominator: Tensor) -> Tensor:
     """``total / denominator``, NaN when the denominator is 0 (every target ignored) but with a
     zero gradient there, as torch's nll/cross-entropy backward gives."""
+    # The NaN is a constant, so it carries no gradient; dividing by 1 where the denominator is
+    # 0 keeps the other branch's gradient finite. (Weights may be negative: no clamp.)
     empty = denominator == 0
-    safe = torch.where(empty, torch.ones_like(denominator), denominator)
-    return total / safe + torch.where(empty, torch.full_like(denominator, float("nan")), torch.zeros_like(denominator))
+    return torch.where(empty, float("nan"), total / torch.where(empty, 1.0, denominator))
 
 
 def _class_mean(values: Tensor, w: Tensor, reduction: Reduction) -> Tensor:
@@ -366,7 +367,7 @@ def linear_cross_entropy(
     target = target.long()
     _check_in_range(target, classes, index)
     keep = target != index
-    safe = torch.where(keep, target, torch.zeros((), dtype=target.dtype, device=target.device))
+    safe = torch.where(keep, target, 0)
     chunk = chunk_size if chunk_size is not None else max(1, (1 << 25) // max(classes, 1))
     nll, smooth = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
         input, linear_weight, linear_bias, safe, weight, int(chunk)
