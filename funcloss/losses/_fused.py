@@ -78,19 +78,24 @@ def fused_difference_loss(
     return out
 
 
-class _LogitsBCE(torch.autograd.Function):
-    """``sum(softplus(x) - y x)``, the unweighted BCE-with-logits total, and its recomputing backward."""
-
-    @staticmethod
-    def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
-        x, y = input.reshape(-1), target.reshape(-1)
-        return (F.softplus(x).sum() - torch.dot(x, y)) * factor
+class _PairTotal(torch.autograd.Function):
+    """A reduced loss of ``(input, target)`` times a constant ``factor``; subclasses give the
+    forward total and the recomputing backward."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         input, target, factor = inputs
         ctx.save_for_backward(input, target)
         ctx.factor = factor
+
+
+class _LogitsBCE(_PairTotal):
+    """``sum(softplus(x) - y x)``, the unweighted BCE-with-logits total."""
+
+    @staticmethod
+    def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
+        x, y = input.reshape(-1), target.reshape(-1)
+        return (F.softplus(x).sum() - torch.dot(x, y)) * factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -101,16 +106,9 @@ class _LogitsBCE(torch.autograd.Function):
         return dx, dy, None
 
 
-def fused_logits_bce(input: Tensor, target: Tensor, reduction: str) -> Tensor:
-    """Mean or sum of ``softplus(x) - y x`` (= BCE with logits, no weights)."""
-    factor = 1.0 / input.numel() if reduction == "mean" else 1.0
-    out: Tensor = _LogitsBCE.apply(input, target, factor)  # type: ignore[no-untyped-call]
-    return out
-
-
-class _ProbabilityBCE(torch.autograd.Function):
+class _ProbabilityBCE(_PairTotal):
     """``-sum(y log p + (1 - y) log(1 - p))`` for p strictly inside (1e-12, 1 - 1e-12), where
-    torch's clamps cannot act, and its recomputing backward ``(p - y) / (p (1 - p))``."""
+    torch's clamps cannot act; the backward is ``(p - y) / (p (1 - p))``."""
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
@@ -118,12 +116,6 @@ class _ProbabilityBCE(torch.autograd.Function):
         log_p, log_q = torch.log(p), torch.log1p(-p)
         # y log p + (1 - y) log q = log q + y (log p - log q)
         return -(log_q.sum() + torch.dot(y, log_p - log_q)) * factor
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        input, target, factor = inputs
-        ctx.save_for_backward(input, target)
-        ctx.factor = factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -134,8 +126,17 @@ class _ProbabilityBCE(torch.autograd.Function):
         return dp, dy, None
 
 
+def _total(function: type[_PairTotal], input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    factor = 1.0 / input.numel() if reduction == "mean" else 1.0
+    out: Tensor = function.apply(input, target, factor)  # type: ignore[no-untyped-call]
+    return out
+
+
+def fused_logits_bce(input: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """Mean or sum of ``softplus(x) - y x`` (= BCE with logits, no weights)."""
+    return _total(_LogitsBCE, input, target, reduction)
+
+
 def fused_probability_bce(input: Tensor, target: Tensor, reduction: str) -> Tensor:
     """Mean or sum of BCE on probabilities known to lie strictly inside (1e-12, 1 - 1e-12)."""
-    factor = 1.0 / input.numel() if reduction == "mean" else 1.0
-    out: Tensor = _ProbabilityBCE.apply(input, target, factor)  # type: ignore[no-untyped-call]
-    return out
+    return _total(_ProbabilityBCE, input, target, reduction)
