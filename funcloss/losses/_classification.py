@@ -47,8 +47,11 @@ def _check_class_weight(fn: str, weight: Tensor | None, classes: int) -> None:
 
 
 def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> None:
-    if not is_eager():
+    if not is_eager() or target.numel() == 0:
         return
+    low, high = torch.stack(list(torch.aminmax(target))).tolist()
+    if low >= 0 and high < classes:
+        return  # one pass and one sync in the common case
     bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
     if bool(bad.any()):
         first = int(target[bad].reshape(-1)[0])
@@ -65,7 +68,14 @@ def _picked(
     and the keep mask."""
     keep = target != ignore_index
     safe = torch.where(keep, target, 0)
-    picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    if logp.dim() == 2 and logp.is_contiguous():
+        # (N, C): pick from the flat view; index_select's backward (an index_add into a flat
+        # buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
+        rows, classes = logp.shape
+        flat = torch.arange(rows, device=logp.device) * classes + safe
+        picked = logp.reshape(-1).index_select(0, flat)
+    else:
+        picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     kept = keep.to(logp.dtype)
     w = kept if weight is None else weight[safe] * kept
     return -picked * w, w, keep

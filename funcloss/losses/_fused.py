@@ -1,4 +1,4 @@
-"""An eager fast path for large reduced l1, mse, huber, smooth_l1 and BCE-with-logits.
+"""An eager fast path for large reduced l1, mse, huber, smooth_l1 and both BCEs.
 
 On large inputs these losses are bound by memory traffic: every intermediate of a composition
 of primitives is a full pass over memory, where torch's fused kernels make one. For the
