@@ -287,3 +287,15 @@ def test_criterion_buffers_move_and_swap() -> None:
     out = torch.func.functional_call(crit, {"weight": torch.tensor([1.0, 1.0], dtype=torch.float64)}, (x, y))
     torch.testing.assert_close(out, fl.cross_entropy(x, y))
     assert quiet_call(crit, x, y).dtype == torch.float64
+
+
+def test_linear_cross_entropy_criterion_with_out_features() -> None:
+    torch.manual_seed(3)
+    theirs = nn.LinearCrossEntropyLoss(4, 3, out_features=(2,), bias=True).double()
+    torch.manual_seed(3)
+    ours = fnn.LinearCrossEntropyLoss(4, 3, out_features=(2,), bias=True).double()
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5, 2))
+    torch.testing.assert_close(ours(x, y), theirs(x, y))

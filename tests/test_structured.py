@@ -326,3 +326,25 @@ def test_adaptive_output_and_log_prob_match_the_module() -> None:
         fl.adaptive_log_softmax_with_loss(x, y + 5, m.head.weight, tails, [3, 7], head_bias=m.head.bias)
     with pytest.raises(ValueError, match="cutoffs"):
         fl.adaptive_log_softmax_with_loss(x, y, m.head.weight, tails, [7, 3])
+
+
+def test_linear_cross_entropy_k_dimensional_weight() -> None:
+    """A (C, *out_features, H) weight gives logits (N, C, *out_features), as in torch."""
+    x = torch.randn(5, 4, generator=_g(), dtype=D, requires_grad=True)
+    w = torch.randn(3, 2, 4, generator=_g(1), dtype=D, requires_grad=True)
+    b = torch.randn(3, 2, generator=_g(2), dtype=D)
+    y = torch.randint(0, 3, (5, 2), generator=_g(3))
+    for kwargs in (
+        {},
+        {"reduction": "none"},
+        {"label_smoothing": 0.1, "weight": torch.rand(3, generator=_g(4), dtype=D)},
+    ):
+        ours = fl.linear_cross_entropy(x, w, y, linear_bias=b, **kwargs)
+        theirs = F.linear_cross_entropy(x, w, y, linear_bias=b, **kwargs)
+        torch.testing.assert_close(ours, theirs)
+        for g, h in zip(torch.autograd.grad(ours.sum(), (x, w)), torch.autograd.grad(theirs.sum(), (x, w))):
+            torch.testing.assert_close(g, h)
+    with pytest.raises(RuntimeError, match="needs batched"):
+        fl.linear_cross_entropy(x[0], w, y[0])
+    with pytest.raises(RuntimeError, match="linear_bias shape"):
+        fl.linear_cross_entropy(x, w, y, linear_bias=torch.zeros(3, dtype=D))

@@ -242,8 +242,15 @@ def _cross_entropy_probs(
 
 
 def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None) -> Tensor:
-    logits = input @ linear_weight.T
-    return logits if linear_bias is None else logits + linear_bias
+    """``input @ W.T + b``; a K-dimensional ``W`` of shape ``(C, *out, H)`` gives logits
+    ``(N, C, *out)`` (classes on dim 1, as cross_entropy wants them)."""
+    if linear_weight.dim() == 2:
+        logits = input @ linear_weight.T
+        return logits if linear_bias is None else logits + linear_bias
+    flat = input @ linear_weight.reshape(-1, linear_weight.size(-1)).T
+    if linear_bias is not None:
+        flat = flat + linear_bias.reshape(-1)
+    return flat.reshape(*input.shape[:-1], *linear_weight.shape[:-1])
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
@@ -331,9 +338,11 @@ def linear_cross_entropy(
 
     Args:
         input: ``(N, H)`` or unbatched ``(H,)``.
-        linear_weight: ``(C, H)``.
-        target: class indices ``(N,)`` (or a scalar), or probabilities ``(N, C)``.
-        linear_bias: ``(C,)``.
+        linear_weight: ``(C, H)``, or ``(C, *out_features, H)`` for a K-dimensional loss
+            (logits ``(N, C, *out_features)``; computed unchunked).
+        target: class indices ``(N,)`` / ``(N, *out_features)`` (or a scalar), or probabilities
+            of the logits' shape.
+        linear_bias: ``(C,)`` or ``(C, *out_features)``.
         weight, reduction, ignore_index, label_smoothing: as in `cross_entropy`
             (``ignore_index=None`` means -100, and is an error with probabilities).
         chunk_size: rows per chunk (default: enough rows for about 32M logits, at least 1).
@@ -343,9 +352,10 @@ def linear_cross_entropy(
     check_reduction("linear_cross_entropy", reduction)
     if input.dim() not in (1, 2):
         raise RuntimeError(f"linear_cross_entropy(...): expected input with dimensionality 1 or 2, got {input.dim()}.")
-    if linear_weight.dim() != 2:
+    if linear_weight.dim() < 2:
         raise RuntimeError(
-            f"linear_cross_entropy(...): expected a 2-D linear_weight (C, H), got shape {tuple(linear_weight.shape)}."
+            "linear_cross_entropy(...): expected linear_weight (C, H) or (C, *out_features, H), got shape "
+            f"{tuple(linear_weight.shape)}."
         )
     if input.size(-1) != linear_weight.size(-1):
         raise RuntimeError(
@@ -353,18 +363,31 @@ def linear_cross_entropy(
             f"got {input.size(-1)} and {linear_weight.size(-1)}."
         )
     classes = linear_weight.size(0)
-    if linear_bias is not None and tuple(linear_bias.shape) != (classes,):
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None and tuple(linear_bias.shape) != (classes, *out_features):
         raise RuntimeError(
-            f"linear_cross_entropy(...): expected linear_bias shape ({classes},), got {tuple(linear_bias.shape)}."
+            f"linear_cross_entropy(...): expected linear_bias shape {(classes, *out_features)}, "
+            f"got {tuple(linear_bias.shape)}."
         )
-    logits_shape = (*input.shape[:-1], classes)
+    if out_features and input.dim() == 1:
+        raise RuntimeError(
+            f"linear_cross_entropy(...): a K-dimensional linear_weight {tuple(linear_weight.shape)} needs batched "
+            f"input (N, {input.size(-1)}), got {tuple(input.shape)}."
+        )
+    logits_shape = (*input.shape[:-1], classes, *out_features)
     probabilities = tuple(target.shape) == logits_shape
     if probabilities and ignore_index is not None:
         raise RuntimeError(
             "linear_cross_entropy(...): ignore_index cannot be specified when target contains probabilities."
         )
     index = -100 if ignore_index is None else ignore_index
-    chunked = is_eager() and not probabilities and input.dim() == 2 and target.dtype in (torch.int64, torch.uint8)
+    chunked = (
+        is_eager()
+        and not probabilities
+        and not out_features
+        and input.dim() == 2
+        and target.dtype in (torch.int64, torch.uint8)
+    )
     if not chunked:
         logits = _linear_logits(input, linear_weight, linear_bias)
         return cross_entropy(

@@ -7,6 +7,7 @@ buffers and parameters under the same names, and calls the funcloss function in 
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -511,25 +512,24 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             raise RuntimeError(
                 f"LinearCrossEntropyLoss(...): expected label_smoothing to be in range [0, 1], got {label_smoothing}."
             )
-        if out_features != ():
-            raise ValueError(
-                f"LinearCrossEntropyLoss(...): expected out_features=() (one class dim), got {out_features}. "
-                "K-dimensional linear cross-entropy is not supported yet; use cross_entropy on the reshaped logits."
-            )
         super().__init__(weight, reduction=reduction)
         self.num_classes = num_classes
         self.out_features = out_features
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.options = options
-        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        # Stored two-dimensional, as torch stores it, and reshaped in forward.
+        size = num_classes * math.prod(out_features)
+        self.linear = nn.Linear(in_features, size, bias=bias, device=device, dtype=dtype)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        shape = (self.num_classes, *self.out_features)
+        bias = None if self.linear.bias is None else self.linear.bias.reshape(shape)
         return _classification.linear_cross_entropy(
             input,
-            self.linear.weight,
+            self.linear.weight.reshape(*shape, self.linear.in_features),
             target,
-            linear_bias=self.linear.bias,
+            linear_bias=bias,
             weight=self.weight,
             reduction=self.reduction,
             ignore_index=self.ignore_index,
