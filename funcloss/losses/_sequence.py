@@ -150,14 +150,20 @@ def _extended(labels: Tensor, blank: int, dtype: torch.dtype) -> tuple[Tensor, T
     # s - 2 -> s is allowed when l'_s is a label different from l'_{s-2}.
     prev2 = F.pad(ext, (2, 0), value=blank)[:, :-2]
     allowed = (ext != blank) & (ext != prev2)
-    skip = torch.where(allowed, torch.zeros((), dtype=dtype), torch.full((), _neg(dtype), dtype=dtype))
+    skip = torch.where(
+        allowed,
+        torch.zeros((), dtype=dtype, device=labels.device),
+        torch.full((), _neg(dtype), dtype=dtype, device=labels.device),
+    )
     return ext, skip
 
 
 def _start(size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Log-weights of the states a path may start in: the first blank and the first label."""
     first_two = torch.arange(size, device=device) < 2
-    return torch.where(first_two, torch.zeros((), dtype=dtype), torch.full((), _neg(dtype), dtype=dtype))
+    return torch.where(
+        first_two, torch.zeros((), dtype=dtype, device=device), torch.full((), _neg(dtype), dtype=dtype, device=device)
+    )
 
 
 def _finish(alphas: Tensor, in_len: Tensor, tgt_len: Tensor) -> Tensor:
@@ -262,12 +268,14 @@ class _CTCFunction(torch.autograd.Function):
         last = 2 * tgt_len
         s_idx = torch.arange(size, device=device)
         ends = (s_idx == last.unsqueeze(1)) | ((s_idx == (last - 1).unsqueeze(1)) & (tgt_len > 0).unsqueeze(1))
-        end_beta = torch.where(ends, torch.zeros((), dtype=dtype), torch.full((), neg, dtype=dtype))
+        zero = torch.zeros((), dtype=dtype, device=device)
+        neg_t = torch.full((), neg, dtype=dtype, device=device)
+        end_beta = torch.where(ends, zero, neg_t)
         last_step = in_len - 1
         starting = set(last_step.tolist())
         skip_next = F.pad(skip, (0, 2), value=neg)[:, 2:]  # may s jump to s + 2?
         betas = torch.empty_like(emit)
-        torch.where((last_step == steps - 1).unsqueeze(1), end_beta, torch.full((), neg, dtype=dtype), out=betas[-1])
+        torch.where((last_step == steps - 1).unsqueeze(1), end_beta, neg_t, out=betas[-1])
         ahead = torch.full((batch, size + 2), neg, dtype=dtype, device=device)
         here, next1, next2 = ahead[:, :size], ahead[:, 1 : size + 1], ahead[:, 2:]
         for t in range(steps - 2, -1, -1):
@@ -278,6 +286,6 @@ class _CTCFunction(torch.autograd.Function):
                 torch.where((last_step == t).unsqueeze(1), end_beta, betas[t], out=betas[t])
         occupancy = betas.add_(padded[:, :, 2:]).sub_(ll.view(1, -1, 1))
         feasible = (ll >= neg / 2).view(1, -1, 1)
-        posterior = torch.where(feasible, occupancy.exp_(), torch.zeros((), dtype=dtype))
+        posterior = torch.where(feasible, occupancy.exp_(), zero)
         weights = grad_ll.view(1, -1, 1) * posterior
         return torch.zeros_like(log_probs).scatter_add_(2, index, weights), None, None, None, None
