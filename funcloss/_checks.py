@@ -28,6 +28,16 @@ def is_eager() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None
 
 
+def only_vmap() -> bool:
+    """True when every active torch.func transform is a vmap (and nothing is being compiled):
+    a batched implementation can then stand in for the per-example one."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return all(str(i.key()) == "TransformType.Vmap" for i in retrieve_all_functorch_interpreters())
+
+
 def check_reduction(fn: str, reduction: str, allowed: Sequence[str] = ("none", "mean", "sum")) -> None:
     """Raise the ``ValueError`` torch raises for an unknown reduction."""
     if reduction not in allowed:

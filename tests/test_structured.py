@@ -348,3 +348,24 @@ def test_linear_cross_entropy_k_dimensional_weight() -> None:
         fl.linear_cross_entropy(x[0], w, y[0])
     with pytest.raises(RuntimeError, match="linear_bias shape"):
         fl.linear_cross_entropy(x, w, y, linear_bias=torch.zeros(3, dtype=D))
+
+
+def test_ctc_under_vmap_runs_the_batched_recursion_once() -> None:
+    """Under vmap alone, CTC folds vmap's batch into its own: values, nested vmap and autograd
+    through the vmapped call must all match torch."""
+    logits, t, il, tl = _ctc_inputs()
+    lp = logits.log_softmax(-1)
+
+    def one(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return fl.ctc_loss(a, b, c, d, reduction="none")
+
+    per_example = tf.vmap(one, in_dims=(1, 0, 0, 0))
+    expected = F.ctc_loss(lp, t, il, tl, reduction="none")
+    torch.testing.assert_close(per_example(lp, t, il, tl), expected)
+    nested = tf.vmap(per_example, in_dims=(0, None, None, None))(torch.stack([lp, lp * 1.0]), t, il, tl)
+    torch.testing.assert_close(nested[1], expected)
+    x = logits.clone().requires_grad_(True)
+    (ours,) = torch.autograd.grad(per_example(x.log_softmax(-1), t, il, tl).sum(), x)
+    xt = logits.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.ctc_loss(xt.log_softmax(-1), t, il, tl, reduction="sum"), xt)
+    torch.testing.assert_close(ours, theirs)

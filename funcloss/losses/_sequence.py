@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_reduction, check_values, is_eager
+from .._checks import check_reduction, check_values, is_eager, only_vmap
 from .._typing import Reduction
 
 
@@ -202,6 +202,11 @@ def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: 
         used = max(1, int(in_len.max())) if in_len.numel() else 1
         ll: Tensor = _CTCFunction.apply(log_probs[:used], ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
         return ll
+    if only_vmap():
+        # Under vmap alone, the batched eager recursion runs once for all examples (see
+        # _CTCFunction.vmap) instead of the recorded loop paying vmap's cost at every step.
+        vmapped: Tensor = _CTCFunction.apply(log_probs, ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
+        return vmapped
     steps, batch, _ = log_probs.shape
     size = ext.size(1)
     neg = _neg(log_probs.dtype)
@@ -251,6 +256,23 @@ class _CTCFunction(torch.autograd.Function):
         ll, alphas = output
         ctx.mark_non_differentiable(alphas)
         ctx.save_for_backward(log_probs, ext, skip, in_len, tgt_len, ll, alphas)
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], *args: Tensor
+    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
+        """Fold vmap's batch into the recursion's own batch dim N (dim 1 of log_probs, dim 0
+        of the rest), run once, and unfold."""
+        b = info.batch_size
+        log_probs, ext, skip, in_len, tgt_len = (
+            (a.movedim(d, 0) if d is not None else a.expand(b, *a.shape)) for a, d in zip(args, in_dims)
+        )
+        _, steps, n, classes = log_probs.shape  # (B, T, N, C) -> (T, B*N, C)
+        merged_lp = log_probs.permute(1, 0, 2, 3).reshape(steps, b * n, classes)
+        ll, padded = _CTCFunction.apply(  # type: ignore[no-untyped-call]
+            merged_lp, ext.reshape(b * n, -1), skip.reshape(b * n, -1), in_len.reshape(-1), tgt_len.reshape(-1)
+        )
+        return (ll.reshape(b, n), padded.reshape(steps, b, n, -1)), (0, 1)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
