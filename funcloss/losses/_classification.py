@@ -46,12 +46,14 @@ def _check_class_weight(fn: str, weight: Tensor | None, classes: int) -> None:
         )
 
 
-def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> None:
+def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
+    """Raise ``IndexError`` for a target out of range (eager mode only). Returns True when it
+    has also established that no target is ``ignore_index`` (so nothing is masked)."""
     if not is_eager() or target.numel() == 0:
-        return
+        return False
     low, high = torch.stack(list(torch.aminmax(target))).tolist()
     if low >= 0 and high < classes:
-        return  # one pass and one sync in the common case
+        return not 0 <= ignore_index < classes or not bool((target == ignore_index).any())
     bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
     if bool(bad.any()):
         first = int(target[bad].reshape(-1)[0])
@@ -59,6 +61,18 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> None:
             f"Target {first} is out of bounds. Expected class indices in [0, {classes - 1}] or ignore_index "
             f"({ignore_index})."
         )
+    return False
+
+
+def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
+    """``logp[..., target, ...]`` along the class dim, for in-range targets."""
+    if logp.dim() == 2 and logp.is_contiguous():
+        # (N, C): pick from the flat view; index_select's backward (an index_add into a flat
+        # buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
+        rows, classes = logp.shape
+        flat = torch.arange(rows, device=logp.device) * classes + target
+        return logp.reshape(-1).index_select(0, flat)
+    return logp.gather(class_dim, target.unsqueeze(class_dim)).squeeze(class_dim)
 
 
 def _picked(
@@ -68,14 +82,7 @@ def _picked(
     and the keep mask."""
     keep = target != ignore_index
     safe = torch.where(keep, target, 0)
-    if logp.dim() == 2 and logp.is_contiguous():
-        # (N, C): pick from the flat view; index_select's backward (an index_add into a flat
-        # buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
-        rows, classes = logp.shape
-        flat = torch.arange(rows, device=logp.device) * classes + safe
-        picked = logp.reshape(-1).index_select(0, flat)
-    else:
-        picked = logp.gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
+    picked = _pick(logp, safe, class_dim)
     kept = keep.to(logp.dtype)
     w = kept if weight is None else weight[safe] * kept
     return -picked * w, w, keep
@@ -129,7 +136,8 @@ def nll_loss(
     _check_index_target("nll_loss", tuple(input.shape), target, class_dim)
     _check_class_weight("nll_loss", weight, classes)
     target = target.long()
-    _check_in_range(target, classes, ignore_index)
+    if _check_in_range(target, classes, ignore_index) and weight is None:
+        return reduce(-_pick(input, target, class_dim), reduction)  # nothing ignored: a plain mean
     values, w, _ = _picked(input, target, weight, ignore_index, class_dim)
     return _class_mean(values, w, reduction)
 
@@ -196,7 +204,8 @@ def cross_entropy(
         return _cross_entropy_probs(logp, target, weight, ignore_index, reduction, label_smoothing, class_dim)
     _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
     target = target.long()
-    _check_in_range(target, classes, ignore_index)
+    if _check_in_range(target, classes, ignore_index) and weight is None and label_smoothing == 0.0:
+        return reduce(-_pick(logp, target, class_dim), reduction)  # nothing ignored: a plain mean
     values, w, keep = _picked(logp, target, weight, ignore_index, class_dim)
     nll = _class_mean(values, w, reduction)
     if label_smoothing == 0.0:

@@ -75,7 +75,12 @@ def binary_cross_entropy(
         interior = low >= _GRAD_FLOOR and 1.0 - high >= _GRAD_FLOOR
     if interior and weight is None and use_fused(input, target, reduction):
         return fused_probability_bce(input, target, reduction)
-    values = -(target * _bce_log(input) + (1 - target) * _bce_log(1 - input))
+    if interior:
+        # No probability within 1e-12 of 0 or 1: torch's clamps cannot act, plain logs are exact.
+        log_p, log_q = torch.log(input), torch.log1p(-input)
+        values = -(log_q + target * (log_p - log_q))
+    else:
+        values = -(target * _bce_log(input) + (1 - target) * _bce_log(1 - input))
     if weight is not None:
         values = values * weight
     return reduce(values, reduction)
