@@ -32,64 +32,75 @@ from ._per_sample import GradStats
 
 
 class _Moments:
-    """float64 running sums per parameter: sum, sum of squares, sign sum, non-zero count."""
+    """Running float64 sums over samples, for every parameter element at once.
+
+    One ``(4, P)`` buffer holds, per element: the sum, the sum of squares, the sum of signs and
+    the number of non-zeros; each parameter is a slice of it, so a layer's update is one
+    in-place add and the result is computed once over the flat buffer.
+    """
 
     def __init__(self, params: Mapping[str, Tensor]) -> None:
-        def zeros(p: Tensor) -> Tensor:
-            return torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-
-        self.sum = {k: zeros(p) for k, p in params.items()}
-        self.sumsq = {k: zeros(p) for k, p in params.items()}
-        self.signs = {k: zeros(p) for k, p in params.items()}
-        self.nonzero = {k: zeros(p) for k, p in params.items()}
+        self.shapes = {k: p.shape for k, p in params.items()}
+        self.offsets: dict[str, slice] = {}
+        start = 0
+        for k, p in params.items():
+            self.offsets[k] = slice(start, start + p.numel())
+            start += p.numel()
+        device = next(iter(params.values())).device
+        self.acc = torch.zeros(4, start, dtype=torch.float64, device=device)
         self.norms: list[Tensor] = []
+
+    def slot(self, name: str) -> Tensor:
+        """The ``(4, numel)`` slice of the accumulator that belongs to ``name``."""
+        return self.acc[:, self.offsets[name]]
 
     def add_dense(self, name: str, g: Tensor, norms: Tensor) -> None:
         """Fold explicit per-sample gradients ``g`` (b, *shape) into the sums."""
-        g = g.double()
-        self.sum[name] += g.sum(0)
-        self.sumsq[name] += (g * g).sum(0)
-        s = g.sign()
-        self.signs[name] += s.sum(0)
-        self.nonzero[name] += s.abs().sum(0)
-        norms += (g * g).reshape(g.size(0), -1).sum(1)
+        flat = g.reshape(g.size(0), -1)
+        squares = flat * flat
+        signs = flat.sign()
+        self.slot(name).add_(torch.stack([flat, squares, signs, signs.abs()]).sum(1))
+        norms += squares.sum(1)
 
     def add_outer(self, name: str, g: Tensor, a: Tensor, norms: Tensor) -> None:
-        """Fold per-sample gradients ``g_i a_i^T`` given ``G`` (b, out) and ``A`` (b, in).
-
-        The four products run as one batched matmul in the data's dtype (a chunk's sums are
-        short); the running sums are float64.
-        """
+        """Fold per-sample gradients ``g_i a_i^T`` given ``G`` (b, out) and ``A`` (b, in): the
+        four sums are one batched matmul in the data's dtype."""
         g2, a2 = g * g, a * a
         sg, sa = g.sign(), a.sign()
         left = torch.stack([g, g2, sg, sg.abs()]).transpose(1, 2)
         right = torch.stack([a, a2, sa, sa.abs()])
-        total, squares, signs, nonzero = torch.bmm(left, right).double()
-        self.sum[name] += total
-        self.sumsq[name] += squares
-        self.signs[name] += signs
-        self.nonzero[name] += nonzero
-        norms += (g2.sum(1) * a2.sum(1)).double()
+        self.slot(name).add_(torch.bmm(left, right).reshape(4, -1))
+        norms += g2.sum(1) * a2.sum(1)
+
+    def add_rows(self, name: str, rows: Tensor, per_row: Tensor) -> None:
+        """Fold per-(sample, row) gradients ``per_row`` (pairs, D) into rows ``rows`` of a
+        ``(V, D)`` parameter (an embedding)."""
+        squares = per_row * per_row
+        signs = per_row.sign()
+        stats = torch.stack([per_row, squares, signs, signs.abs()])
+        self.slot(name).view(4, *self.shapes[name]).index_add_(1, rows, stats)
 
     def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
-        mean = {k: (s / count).to(params[k].dtype) for k, s in self.sum.items()}
+        total, squares, signs, nonzero = self.acc
+        mean = total / count
         if count > 1:
-            var = {
-                k: ((self.sumsq[k] - self.sum[k] ** 2 / count).clamp_min(0) / (count - 1)).to(params[k].dtype)
-                for k in self.sum
-            }
+            var = (squares - total * mean).clamp_min(0) / (count - 1)
         else:
-            var = {k: torch.full_like(m, float("nan")) for k, m in mean.items()}
+            var = torch.full_like(mean, float("nan"))
         dtype = next(iter(params.values())).dtype
-        total_sq = sum((s**2).sum() for s in self.sum.values())
+        stats = torch.stack([mean, var, signs, count - nonzero]).to(dtype)
+
+        def split(row: Tensor) -> dict[str, Tensor]:
+            return {k: row[sl].view(self.shapes[k]) for k, sl in self.offsets.items()}
+
         return GradStats(
             count=count,
-            mean=mean,
-            variance=var,
-            sign_sum={k: v.to(params[k].dtype) for k, v in self.signs.items()},
-            zeros={k: (count - v).to(params[k].dtype) for k, v in self.nonzero.items()},
+            mean=split(stats[0]),
+            variance=split(stats[1]),
+            sign_sum=split(stats[2]),
+            zeros=split(stats[3]),
             sq_norms=torch.cat(self.norms).to(dtype),
-            sum_sq_norm=torch.as_tensor(total_sq, dtype=torch.float64).to(dtype),
+            sum_sq_norm=(total * total).sum().to(dtype),
         )
 
 
@@ -192,12 +203,7 @@ def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, nor
         token, sample = pairs % vocab, pairs // vocab
         if module.padding_idx is not None:
             per_pair = per_pair * (token != module.padding_idx).unsqueeze(1)
-        k = _key(name, "weight")
-        acc.sum[k].index_add_(0, token, per_pair)
-        acc.sumsq[k].index_add_(0, token, per_pair * per_pair)
-        s = per_pair.sign()
-        acc.signs[k].index_add_(0, token, s)
-        acc.nonzero[k].index_add_(0, token, s.abs())
+        acc.add_rows(_key(name, "weight"), token, per_pair)
         norms.index_add_(0, sample, (per_pair * per_pair).sum(1))
         return
     bias = cast(Tensor | None, module.bias)
