@@ -1,4 +1,5 @@
-"""Per-sample gradient statistics without per-sample gradients, for Linear and Embedding layers.
+"""Per-sample gradients and their statistics for Linear and Embedding layers, from one
+batched forward and backward.
 
 For a Linear layer on 2-D inputs the gradient of sample ``i`` is the outer product
 ``g_i a_i^T`` of the layer's output gradient and input, so every per-element statistic over
@@ -11,7 +12,8 @@ samples is a matrix product (Goodfellow 2015; Dangel et al. 2020):
 and the squared norm of sample ``i``'s gradient is ``||g_i||^2 ||a_i||^2``. An Embedding's
 per-sample gradient touches only the rows of that sample's tokens, so it is summed per (sample,
 token) pair. Linear layers on inputs with more dims (sequences) form that layer's per-sample
-gradients for one chunk. One batched forward and one backward to the layer outputs per chunk.
+gradients for one chunk. `grad_stats` folds these into running sums without forming ``B x P``
+gradients; `per_sample_grads` writes ``g_i a_i^T`` (or token rows) straight into its result.
 
 References:
     Goodfellow, I. "Efficient Per-Example Gradient Computations", arXiv:1510.01799, 2015.
@@ -21,7 +23,7 @@ References:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import torch
@@ -138,29 +140,27 @@ def _key(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
 
 
-def layer_moments(
+class _Unsupported(Exception):
+    """The model is not one this path handles (a layer ran more or less than once)."""
+
+
+def _captured(
     model: nn.Module,
+    layers: Mapping[str, nn.Module],
     loss_fn: Callable[..., Tensor],
     inputs: Tensor,
     targets: Tensor,
-    *,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
-    progress: bool = False,
-) -> GradStats | None:
-    """`GradStats` by per-layer moments, or None when the model is not made of supported layers
-    (or a layer runs more or less than once per forward)."""
-    layers = _supported_layers(model)
-    if layers is None:
-        return None
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    acc = _Moments(params)
-    n = inputs.size(0)
+) -> Iterator[tuple[slice, list[tuple[str, nn.Module, Tensor, Tensor]]]]:
+    """Per chunk: each layer's input and the gradient of the summed per-sample losses with
+    respect to its output, from one batched forward and one backward."""
 
     def per_sample_loss(out: Tensor, target: Tensor) -> Tensor:
         return loss_fn(out.unsqueeze(0), target.unsqueeze(0), **loss_kwargs)
 
     batched_loss = tf.vmap(per_sample_loss)
+    n = inputs.size(0)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
@@ -171,23 +171,110 @@ def layer_moments(
             for handle in handles:
                 handle.remove()
         if any(len(calls) != 1 for calls in seen.values()):
-            return None
+            raise _Unsupported
         names = list(layers)
         outputs = [seen[name][0][1] for name in names]
-        total = batched_loss(out, targets[rows]).sum()
-        grads = torch.autograd.grad(total, outputs, allow_unused=True)
-        b = rows.stop - rows.start
-        norms = torch.zeros(b, dtype=torch.float64, device=inputs.device)
+        grads = torch.autograd.grad(batched_loss(out, targets[rows]).sum(), outputs, allow_unused=True)
+        captured = []
         for name, grad_out in zip(names, grads):
             layer_in, layer_out = seen[name][0]
             grad_out = torch.zeros_like(layer_out) if grad_out is None else grad_out
-            _fold(acc, name, layers[name], layer_in.detach(), grad_out.detach(), norms)
-        acc.norms.append(norms)
-        if progress:
-            print(f"\rgrad_stats: {rows.stop}/{n} samples", end="", file=sys.stderr)
+            captured.append((name, layers[name], layer_in.detach(), grad_out.detach()))
+        yield rows, captured
+
+
+def layer_moments(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int,
+    loss_kwargs: Mapping[str, Any],
+    progress: bool = False,
+) -> GradStats | None:
+    """`GradStats` by per-layer moments (no per-sample gradient is formed for 2-D Linear
+    inputs), or None when the model is not made of supported layers (or a layer runs more or
+    less than once per forward)."""
+    layers = _supported_layers(model)
+    if layers is None:
+        return None
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    acc = _Moments(params)
+    n = inputs.size(0)
+    try:
+        for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
+            norms = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=inputs.device)
+            for name, module, layer_in, grad_out in captured:
+                _fold(acc, name, module, layer_in, grad_out, norms)
+            acc.norms.append(norms)
+            if progress:
+                print(f"\rgrad_stats: {rows.stop}/{n} samples", end="", file=sys.stderr)
+    except _Unsupported:
+        return None
     if progress:
         print(file=sys.stderr)
     return acc.result(n, params)
+
+
+def layer_grads(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    chunk_size: int,
+    loss_kwargs: Mapping[str, Any],
+) -> dict[str, Tensor] | None:
+    """Per-sample gradients ``{name: (B, *shape)}`` from layer inputs and output gradients
+    (``g_i a_i^T`` per Linear, token rows per Embedding), written in place chunk by chunk; or
+    None for other models."""
+    layers = _supported_layers(model)
+    if layers is None:
+        return None
+    n = inputs.size(0)
+    result = {
+        name: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    try:
+        for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
+            b = rows.stop - rows.start
+            views = {k: v[rows].view(b, -1) for k, v in result.items()}
+            for name, module, layer_in, grad_out in captured:
+                _write_per_sample(views, name, module, layer_in, grad_out)
+    except _Unsupported:
+        return None
+    return result
+
+
+def _write_per_sample(views: Mapping[str, Tensor], name: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
+    """Write the chunk's per-sample gradients of ``module``'s parameters into ``views``
+    (``{param: (b, numel)}``, possibly strided slices of a shared buffer)."""
+    b = g.size(0)
+    weight = cast(Tensor, module.weight)
+    if isinstance(module, nn.Embedding):
+        vocab, dim = weight.shape
+        ids = a.reshape(b, -1)
+        grads = g.reshape(b, -1, dim)
+        if module.padding_idx is not None:
+            grads = grads * (ids != module.padding_idx).unsqueeze(2)
+        out = views[_key(name, "weight")].view(b, vocab, dim)
+        sample = torch.arange(b, device=ids.device).unsqueeze(1).expand_as(ids)
+        out.zero_().index_put_((sample, ids), grads, accumulate=True)
+        return
+    bias = cast(Tensor | None, module.bias)
+    if weight.requires_grad:
+        out = views[_key(name, "weight")].view(b, *weight.shape)
+        if a.dim() == 2:
+            torch.mul(g.unsqueeze(2), a.unsqueeze(1), out=out)
+        else:
+            g3, a3 = g.reshape(b, -1, g.size(-1)), a.reshape(b, -1, a.size(-1))
+            out.copy_(torch.bmm(g3.transpose(1, 2), a3))
+    if bias is not None and bias.requires_grad:
+        out = views[_key(name, "bias")]
+        out.copy_(g if g.dim() == 2 else g.reshape(b, -1, g.size(-1)).sum(1))
 
 
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:

@@ -128,6 +128,7 @@ def per_sample_grads(
     *,
     chunk_size: int | None = None,
     randomness: Randomness = "different",
+    method: Literal["auto", "vmap"] = "auto",
     **loss_kwargs: Any,
 ) -> Grads:
     """The gradient of every sample's loss with respect to every trainable parameter.
@@ -145,13 +146,25 @@ def per_sample_grads(
         chunk_size: samples per vmap chunk, to bound memory (None: all at once).
         randomness: dropout and other random ops: ``"different"`` (default, like a real batch:
             each sample draws its own mask), ``"same"`` or ``"error"``.
+        method: ``"auto"``: when every trainable parameter is in an ``nn.Linear`` or
+            ``nn.Embedding``, from one batched forward and backward (``g_i a_i^T`` per Linear,
+            token rows per Embedding); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
         **loss_kwargs: passed to ``loss_fn``.
 
-    Memory: ``B x P`` floats for the result, plus the vmap working set of a chunk.
+    Memory: ``B x P`` floats for the result, plus the working set of a chunk.
     """
     _check_batch("per_sample_grads", inputs, targets)
     _check_model(model, "per_sample_grads")
+    if method not in ("auto", "vmap"):
+        raise ValueError(f"per_sample_grads(...): expected method 'auto' or 'vmap', got {method!r}.")
     params = _trainable(model)
+    if method == "auto" and randomness == "different":
+        from ._moments import layer_grads
+
+        size = chunk_size or inputs.size(0) or 1
+        fast = layer_grads(model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs)
+        if fast is not None:
+            return fast
     loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
     grads: Grads = per_sample_grad(loss, chunk_size=chunk_size, randomness=randomness)(params, inputs, targets)
     return grads

@@ -351,6 +351,10 @@ def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
     expected = _loop(model, fl.cross_entropy, x, y)
     flat = torch.cat([v.reshape(9, -1) for v in expected.values()], dim=1)
     for method in ("auto", "vmap"):
+        grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=4, method=method)
+        assert list(grads) == list(expected)
+        for name, v in expected.items():
+            torch.testing.assert_close(grads[name], v)
         s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4, method=method)
         for name, v in expected.items():
             torch.testing.assert_close(s.mean[name], v.mean(0))
@@ -361,3 +365,5 @@ def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
         torch.testing.assert_close(s.coherence, flat.sum(0).pow(2).sum() / (flat**2).sum())
     with pytest.raises(ValueError, match="method"):
         fl.grad_stats(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="method"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
