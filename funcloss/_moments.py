@@ -28,6 +28,7 @@ from typing import Any, cast
 
 import torch
 import torch.func as tf
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._per_sample import GradStats
@@ -107,7 +108,8 @@ class _Moments:
 
 
 def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
-    """Modules owning trainable parameters, if all are Linear or plain Embedding; else None."""
+    """Modules owning trainable parameters, if all are Linear, plain Embedding or plain Conv2d;
+    else None."""
     layers: dict[str, nn.Module] = {}
     owned = 0
     for name, module in model.named_modules():
@@ -116,6 +118,9 @@ def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
             continue
         if isinstance(module, nn.Embedding):
             if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
+                return None
+        elif isinstance(module, nn.Conv2d):
+            if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
                 return None
         elif not isinstance(module, nn.Linear):
             return None
@@ -254,6 +259,12 @@ def _write_per_sample(views: Mapping[str, Tensor], name: str, module: nn.Module,
     (``{param: (b, numel)}``, possibly strided slices of a shared buffer)."""
     b = g.size(0)
     weight = cast(Tensor, module.weight)
+    if isinstance(module, nn.Conv2d):
+        if weight.requires_grad:
+            views[_key(name, "weight")].view(b, weight.size(0), -1).copy_(_conv_weight_grads(module, a, g))
+        if module.bias is not None and module.bias.requires_grad:
+            torch.sum(g, dim=(2, 3), out=views[_key(name, "bias")])
+        return
     if isinstance(module, nn.Embedding):
         vocab, dim = weight.shape
         ids = a.reshape(b, -1)
@@ -277,9 +288,23 @@ def _write_per_sample(views: Mapping[str, Tensor], name: str, module: nn.Module,
         out.copy_(g if g.dim() == 2 else g.reshape(b, -1, g.size(-1)).sum(1))
 
 
+def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample Conv2d weight gradients ``(b, out, in * kh * kw)``: each sample's output
+    gradient ``(out, L)`` times its unfolded input ``(in * kh * kw, L)`` transposed."""
+    b = g.size(0)
+    unfolded = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # type: ignore[arg-type]
+    return torch.bmm(g.reshape(b, g.size(1), -1), unfolded.transpose(1, 2))
+
+
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:
     b = g.size(0)
     weight = cast(Tensor, module.weight)
+    if isinstance(module, nn.Conv2d):
+        if weight.requires_grad:
+            acc.add_dense(_key(name, "weight"), _conv_weight_grads(module, a, g), norms)
+        if module.bias is not None and module.bias.requires_grad:
+            acc.add_dense(_key(name, "bias"), g.sum((2, 3)), norms)
+        return
     if isinstance(module, nn.Embedding):
         vocab, dim = weight.shape
         ids = a.reshape(b, -1)

@@ -367,3 +367,28 @@ def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
         fl.grad_stats(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="method"):
         fl.per_sample_grads(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_layers_with_stride_padding_dilation(groups: int) -> None:
+    """Conv2d per-sample gradients via unfold (or, for grouped convs, the vmap fallback)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, bias=False, groups=groups),
+        nn.Tanh(),
+        nn.Conv2d(4, 2, 2, padding=1),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    ).double()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(7, 2, 9, 9, generator=g, dtype=D), torch.randint(0, 3, (7,), generator=g)
+    model(x)  # materialise the lazy layer
+    expected = _loop(model, fl.cross_entropy, x, y)
+    grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=3)
+    for name, v in expected.items():
+        torch.testing.assert_close(grads[name], v)
+    s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=3)
+    for name, v in expected.items():
+        torch.testing.assert_close(s.mean[name], v.mean(0))
+        torch.testing.assert_close(s.variance[name], v.var(0))
+        torch.testing.assert_close(s.sign_sum[name], v.sign().sum(0))
