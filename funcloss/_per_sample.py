@@ -146,9 +146,12 @@ def per_sample_grads(
         chunk_size: samples per vmap chunk, to bound memory (None: all at once).
         randomness: dropout and other random ops: ``"different"`` (default, like a real batch:
             each sample draws its own mask), ``"same"`` or ``"error"``.
-        method: ``"auto"``: when every trainable parameter is in an ``nn.Linear`` or
-            ``nn.Embedding``, from one batched forward and backward (``g_i a_i^T`` per Linear,
-            token rows per Embedding); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
+        method: ``"auto"``: when every trainable parameter is in an ``nn.Linear``,
+            ``nn.Embedding`` or ungrouped ``nn.Conv2d``, from one batched forward and backward
+            (``g_i a_i^T`` per Linear, token rows per Embedding, output gradient times the
+            unfolded input per Conv2d); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
+            Both assume, as the definition above does, that the model treats samples
+            independently.
         **loss_kwargs: passed to ``loss_fn``.
 
     Memory: ``B x P`` floats for the result, plus the working set of a chunk.
@@ -235,9 +238,10 @@ def grad_stats(
     """Statistics of the per-sample gradients, computed chunk by chunk.
 
     Never holds ``B x P`` per-sample gradients. When every trainable parameter belongs to an
-    ``nn.Linear`` or ``nn.Embedding`` (``method="auto"``), the statistics come from per-layer
-    moments of one batched forward and backward per chunk, without per-sample gradients at all
-    (see ``funcloss._moments``). Otherwise each chunk's ``chunk_size x P`` per-sample gradients
+    ``nn.Linear``, ``nn.Embedding`` or ungrouped ``nn.Conv2d`` (``method="auto"``), the
+    statistics come from per-layer moments of one batched forward and backward per chunk
+    (Linear layers on 2-D inputs form no per-sample gradient at all; see
+    ``funcloss._moments``). Otherwise each chunk's ``chunk_size x P`` per-sample gradients
     (``vmap(grad)``) are folded into running sums (Chan et al.'s pairwise update for the
     variance) and dropped.
 
