@@ -170,16 +170,18 @@ def _captured(
         rows = slice(start, min(n, start + chunk_size))
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
         handles = [module.register_forward_hook(_recorder(seen[name])) for name, module in layers.items()]
-        try:
-            out = model(inputs[rows])
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(len(calls) != 1 for calls in seen.values()):
-            raise _Unsupported
-        names = list(layers)
-        outputs = [seen[name][0][1] for name in names]
-        grads = torch.autograd.grad(batched_loss(out, targets[rows]).sum(), outputs, allow_unused=True)
+        # Like torch.func.grad, work inside a caller's no_grad block.
+        with torch.enable_grad():
+            try:
+                out = model(inputs[rows])
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if any(len(calls) != 1 for calls in seen.values()):
+                raise _Unsupported
+            names = list(layers)
+            outputs = [seen[name][0][1] for name in names]
+            grads = torch.autograd.grad(batched_loss(out, targets[rows]).sum(), outputs, allow_unused=True)
         captured = []
         for name, grad_out in zip(names, grads):
             layer_in, layer_out = seen[name][0]

@@ -392,3 +392,15 @@ def test_conv_layers_with_stride_padding_dilation(groups: int) -> None:
         torch.testing.assert_close(s.mean[name], v.mean(0))
         torch.testing.assert_close(s.variance[name], v.var(0))
         torch.testing.assert_close(s.sign_sum[name], v.sign().sum(0))
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_works_inside_no_grad(method: str) -> None:
+    model, x, y = _setup("mlp")
+    expected = _loop(model, fl.cross_entropy, x, y)
+    with torch.no_grad():
+        grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, method=method)  # type: ignore[arg-type]
+        stats = fl.grad_stats(model, fl.cross_entropy, x, y, method=method)  # type: ignore[arg-type]
+    for name, v in expected.items():
+        torch.testing.assert_close(grads[name], v)
+        torch.testing.assert_close(stats.mean[name], v.mean(0))
