@@ -69,14 +69,6 @@ def check_same_shape(fn: str, input: Tensor, target: Tensor, *, exc: type[Except
         )
 
 
-def check_floating(fn: str, name: str, t: Tensor) -> None:
-    if not (t.is_floating_point() or t.is_complex()):
-        raise RuntimeError(
-            f"{fn}(...): expected {name} to be a floating-point tensor, got dtype {t.dtype}. "
-            f"Convert it with {name}.float()."
-        )
-
-
 def check_values(ok: Tensor | bool, exc: type[Exception], message: str) -> None:
     """Raise ``exc(message)`` if ``ok`` is false; a no-op under transforms and compile.
 
