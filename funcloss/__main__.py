@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--loss", action="append", help="only this loss (repeatable)")
 
     args = parser.parse_args(argv)
+    if args.command in ("check", "bench") and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
     if args.command == "check":
         from ._bench.cases import CASES
         from ._bench.check import run
 
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available here")
         unknown = sorted(set(args.loss or []) - set(CASES))
         if unknown:
             parser.error(f"unknown loss {unknown}; choose from {sorted(CASES)}")
@@ -52,11 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "persample":
             from ._bench.persample import run as run_persample
 
-            return run_persample(rounds=args.rounds)
+            return run_persample(rounds=args.rounds, device=args.device)
         if args.what == "memory":
             from ._bench.memory import run as run_memory
 
-            return run_memory()
+            return run_memory(device=args.device)
         from ._bench.timing import run_losses
 
         return run_losses(args.device, rounds=args.rounds, names=args.loss)

@@ -16,7 +16,7 @@ from torch import nn
 
 import funcloss as fl
 import funcloss.nn as fnn
-from funcloss._bench.cases import Example, Sampler
+from funcloss._bench.cases import Example, Sampler, device_consistent
 
 from .harness import assert_close, quiet_call, value_and_grads
 from .registry import DEVICES, ROWS, Row
@@ -63,6 +63,8 @@ def _pair(name: str, ex: Example, device: str) -> tuple[Any, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ours, theirs = getattr(fnn, name)(**config).to(device), getattr(nn, name)(**config).to(device)
+    if name in ("NLLLoss", "CrossEntropyLoss"):
+        return ours, device_consistent(theirs)
     if name != "CTCLoss":
         return ours, theirs
 

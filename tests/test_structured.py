@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 import funcloss as fl
 
+from .registry import DEVICES
+
 D = torch.float64
 
 
@@ -75,6 +77,20 @@ def test_all_targets_ignored(fn: str) -> None:
     xt = x.clone().requires_grad_(True)
     (theirs,) = torch.autograd.grad(getattr(F, fn)(xt, y), xt)
     torch.testing.assert_close(grad, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_unbatched_ignored_target_is_nan_on_every_device(fn: str, device: str) -> None:
+    """A ``(C,)`` input whose target is ignored: 0/0 under mean. torch's CPU kernel gives NaN,
+    its CUDA kernel 0; funcloss gives torch's CPU answer on every device."""
+    x = torch.randn(4, generator=_g(), dtype=D)
+    y = torch.tensor(-100)
+    assert torch.isnan(getattr(F, fn)(x, y))  # the CPU oracle
+    ours = getattr(fl, fn)(x.to(device), y.to(device))
+    assert ours.device.type == device
+    assert torch.isnan(ours)
+    assert getattr(fl, fn)(x.to(device), y.to(device), reduction="sum").item() == 0
 
 
 def test_unbatched_and_k_dimensional() -> None:

@@ -385,7 +385,29 @@ def _make_linear_ce(s: Sampler, o: Options) -> Example:
 
 def _linear_ce_theirs(*args: Any, chunk_size: int | None = None, **kw: Any) -> Tensor:
     del chunk_size  # funcloss's option; torch's default path is unchunked
-    return F.linear_cross_entropy(*args, **kw)
+    if hasattr(F, "linear_cross_entropy"):
+        return F.linear_cross_entropy(*args, **kw)
+    # torch < 2.13 (a GPU image, say) has no linear_cross_entropy; its documented definition is the oracle.
+    x, w, y = args
+    return F.cross_entropy(F.linear(x, w, kw.pop("linear_bias", None)), y, **kw)
+
+
+def device_consistent(oracle: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """torch's class-index loss, with its CPU answer for an unbatched, ignored target under mean.
+
+    For a ``(C,)`` input whose one target equals ``ignore_index``, torch's CPU kernel returns
+    NaN (0/0, as for any all-ignored batch) but its CUDA kernel returns 0. funcloss gives NaN on
+    every device, so on CUDA this one case is compared with torch on the CPU.
+    """
+
+    def theirs(x: Tensor, y: Tensor, **kw: Any) -> Tensor:
+        unbatched = x.is_cuda and x.dim() == 1 and y.dim() == 0 and not y.is_floating_point()
+        if unbatched and kw.get("reduction", "mean") == "mean" and int(y) == kw.get("ignore_index", -100):
+            cpu = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in kw.items()}
+            return oracle(x.cpu(), y.cpu(), **cpu).to(x.device)
+        return oracle(x, y, **kw)
+
+    return theirs
 
 
 ADAPTIVE_CUTOFFS = (3, 6)
@@ -530,11 +552,18 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
         "ignore_index": [-100, 2],
     }
     return [
-        LossCase("cross_entropy", fl.cross_entropy, F.cross_entropy, _make_cross_entropy, ce_opts, sizes=class_sizes),
+        LossCase(
+            "cross_entropy",
+            fl.cross_entropy,
+            device_consistent(F.cross_entropy),
+            _make_cross_entropy,
+            ce_opts,
+            sizes=class_sizes,
+        ),
         LossCase(
             "nll_loss",
             fl.nll_loss,
-            F.nll_loss,
+            device_consistent(F.nll_loss),
             _make_nll,
             {
                 "shape": CLASS_SHAPES,

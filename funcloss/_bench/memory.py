@@ -1,9 +1,12 @@
 """``python -m funcloss bench memory``: linear_cross_entropy against cross_entropy(linear(...)).
 
+Also against torch's own ``F.linear_cross_entropy`` where this torch has it (2.13 and later).
+
 At N=8192, hidden=512, C=32000 (float32), the unchunked path holds the (N, C) logits and their
-gradient (1 GiB each); funcloss's chunked path holds one chunk at a time. Each side runs a
-forward and backward in its own fresh process; reported: peak RSS growth during the call, and
-the median time ratio over interleaved rounds (in one process).
+gradient (1 GiB each); funcloss's chunked path holds one chunk at a time. On the CPU each side
+runs a forward and backward in its own fresh process and the peak RSS growth during the call is
+reported; on CUDA, the growth of the caching allocator's peak allocation. Then the median time
+ratio over interleaved rounds (in one process).
 """
 
 from __future__ import annotations
@@ -13,66 +16,91 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
-_SCRIPT = """
-import sys, torch
-import torch.nn.functional as F
-import funcloss as fl
-from funcloss._bench.rss import peak_extra_bytes
-n, h, c = 8192, 512, 32000
-torch.manual_seed(0)
-x = torch.randn(n, h, requires_grad=True)
-w = (torch.randn(c, h) * 0.02).requires_grad_(True)
-y = torch.randint(0, c, (n,))
-if sys.argv[1] == "funcloss":
-    step = lambda: torch.autograd.grad(fl.linear_cross_entropy(x, w, y), (x, w))
-else:
-    step = lambda: torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), (x, w))
-print(peak_extra_bytes(step))
-"""
+_SIZES = (8192, 512, 32000)
 
 
-def _peak(which: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, which], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 2**20
-
-
-def run(rounds: int = 5) -> int:
+def _methods(device: str) -> dict[str, Callable[[], object]]:
     import torch.nn.functional as F
 
     import funcloss as fl
 
-    print(f"funcloss bench memory (torch {torch.__version__}): N=8192, hidden=512, C=32000, float32, forward+backward")
-    ours_mb, theirs_mb = _peak("funcloss"), _peak("torch")
+    n, h, c = _SIZES
     torch.manual_seed(0)
-    x = torch.randn(8192, 512, requires_grad=True)
-    w = (torch.randn(32000, 512) * 0.02).requires_grad_(True)
-    y = torch.randint(0, 32000, (8192,))
+    x = torch.randn(n, h, device=device, requires_grad=True)
+    w = (torch.randn(c, h, device=device) * 0.02).requires_grad_(True)
+    y = torch.randint(0, c, (n,), device=device)
+    methods: dict[str, Callable[[], object]] = {
+        "funcloss linear_cross_entropy": lambda: torch.autograd.grad(fl.linear_cross_entropy(x, w, y), (x, w)),
+        "cross_entropy(linear(...))": lambda: torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), (x, w)),
+    }
+    if hasattr(F, "linear_cross_entropy"):
+        theirs = F.linear_cross_entropy
+        methods["torch linear_cross_entropy"] = lambda: torch.autograd.grad(theirs(x, w, y), (x, w))
+    return methods
 
-    def ours() -> None:
-        torch.autograd.grad(fl.linear_cross_entropy(x, w, y), (x, w))
 
-    def theirs() -> None:
-        torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), (x, w))
+_SCRIPT = """
+import sys
+from funcloss._bench.memory import _methods
+from funcloss._bench.rss import peak_extra_bytes
+print(peak_extra_bytes(_methods("cpu")[sys.argv[1]]))
+"""
 
-    ours()
-    theirs()
-    ratios = []
-    for _ in range(rounds):
-        pair = [("ours", ours), ("theirs", theirs)]
-        random.shuffle(pair)
-        t = {}
-        for label, fn in pair:
-            start = time.perf_counter()
-            fn()
-            t[label] = time.perf_counter() - start
-        ratios.append(t["ours"] / t["theirs"])
+
+def _peak(method: str) -> float:
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, method], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 2**20
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _cuda_peak(fn: Callable[[], object]) -> float:
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run(rounds: int = 5, device: str = "cpu") -> int:
+    n, h, c = _SIZES
     print(
-        f"  peak extra memory: funcloss {ours_mb:.0f} MiB, cross_entropy(linear(...)) {theirs_mb:.0f} MiB, "
-        f"ratio {ours_mb / theirs_mb:.2f}"
+        f"funcloss bench memory on {device} (torch {torch.__version__}): "
+        f"N={n}, hidden={h}, C={c}, float32, forward+backward"
     )
-    median = statistics.median(ratios)
-    print(f"  time ratio funcloss / unchunked: {median:.2f} (median of {rounds} interleaved rounds)")
+    methods = _methods(device)
+    if device.startswith("cuda"):
+        peaks = {label: _cuda_peak(fn) for label, fn in methods.items()}
+    else:
+        peaks = {label: _peak(label) for label in methods}
+    for fn in methods.values():
+        fn()
+    base = "cross_entropy(linear(...))"
+    ratios: dict[str, list[float]] = {label: [] for label in methods}
+    for _ in range(rounds):
+        order = list(methods)
+        random.shuffle(order)
+        t = {}
+        for label in order:
+            _sync(device)
+            start = time.perf_counter()
+            methods[label]()
+            _sync(device)
+            t[label] = time.perf_counter() - start
+        for label in methods:
+            ratios[label].append(t[label] / t[base])
+    print(f"  ratios to {base}; time: median of {rounds} interleaved rounds")
+    print(f"  {'method':<32} {'peak extra MiB':>14} {'memory ratio':>12} {'time ratio':>10}")
+    for label in methods:
+        mem = peaks[label] / peaks[base]
+        print(f"  {label:<32} {peaks[label]:>14.0f} {mem:>12.2f} {statistics.median(ratios[label]):>10.2f}")
     return 0

@@ -36,7 +36,12 @@ class _Bag(nn.Module):
         return out
 
 
-def _setup(name: str) -> tuple[nn.Module, Tensor, Tensor]:
+def _setup(name: str, device: str = "cpu") -> tuple[nn.Module, Tensor, Tensor]:
+    model, x, y = _setup_cpu(name)
+    return model.to(device), x.to(device), y.to(device)
+
+
+def _setup_cpu(name: str) -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
     if name == "mlp":
         model: nn.Module = nn.Sequential(
@@ -67,8 +72,8 @@ MODELS = {
 }
 
 
-def _methods(name: str) -> dict[str, Callable[[], object]]:
-    model, x, y = _setup(name)
+def _methods(name: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
+    model, x, y = _setup(name, device)
     params = list(model.parameters())
 
     def batched() -> object:
@@ -95,7 +100,7 @@ def _methods(name: str) -> dict[str, Callable[[], object]]:
     try:
         from opacus import GradSampleModule
 
-        wrapped = GradSampleModule(_setup(name)[0])
+        wrapped = GradSampleModule(_setup(name, device)[0])
         wrapped_params = [p for p in wrapped.parameters() if p.requires_grad]
 
         def opacus() -> object:
@@ -113,25 +118,32 @@ def _methods(name: str) -> dict[str, Callable[[], object]]:
     return methods
 
 
-def _time(fn: Callable[[], object], reps: int) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], object], reps: int, device: str = "cpu") -> float:
+    _sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
+    _sync(device)
     return (time.perf_counter() - start) / reps
 
 
-def ratios(name: str, rounds: int) -> dict[str, float]:
-    methods = _methods(name)
+def ratios(name: str, rounds: int, device: str = "cpu") -> dict[str, float]:
+    methods = _methods(name, device)
     reps = {}
     for label, fn in methods.items():
         fn()
-        once = _time(fn, 1)
+        once = _time(fn, 1, device)
         reps[label] = max(1, min(50, int(0.05 / max(once, 1e-6))))
     per_round: dict[str, list[float]] = {label: [] for label in methods}
     for _ in range(rounds):
         order = list(methods)
         random.shuffle(order)
-        times = {label: _time(methods[label], reps[label]) for label in order}
+        times = {label: _time(methods[label], reps[label], device) for label in order}
         for label in methods:
             per_round[label].append(times[label] / times["batched backward"])
     return {label: statistics.median(r) for label, r in per_round.items()}
@@ -147,23 +159,34 @@ print(peak_extra_bytes(fn))
 """
 
 
-def peak_memory_mb(name: str, method: str) -> float:
-    """Peak RSS growth (MiB) during one call of ``method``, in a fresh process."""
+def peak_memory_mb(name: str, method: str, device: str = "cpu") -> float:
+    """Peak memory growth (MiB) during one call of ``method``: on the CPU, of the peak RSS of a
+    fresh process; on CUDA, of the caching allocator's peak allocation."""
+    if device.startswith("cuda"):
+        fn = _methods(name, device)[method]
+        fn()  # warm up, then measure a second call
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, name, method], capture_output=True, text=True, check=True
     )
     return int(out.stdout.split()[-1]) / 2**20
 
 
-def run(rounds: int = 15, memory: bool = True) -> int:
+def run(rounds: int = 15, memory: bool = True, device: str = "cpu") -> int:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    print(f"funcloss bench persample (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    where = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"funcloss bench persample on {device} (torch {torch.__version__}, {where})")
     print("time / time of one batched forward+backward in the same round, median of interleaved rounds")
     for name, title in MODELS.items():
-        result = ratios(name, rounds)
+        result = ratios(name, rounds, device)
         print(f"\n{title}")
         print(f"  {'method':<28} {'time ratio':>10}" + (f" {'peak extra MiB':>15}" if memory else ""))
         for label, r in result.items():
-            mem = f" {peak_memory_mb(name, label):>15.1f}" if memory else ""
+            mem = f" {peak_memory_mb(name, label, device):>15.1f}" if memory else ""
             print(f"  {label:<28} {r:>10.2f}{mem}", flush=True)
     return 0

@@ -266,8 +266,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
     """Per-row cross-entropy of ``input @ W.T + b`` without keeping ``(N, C)`` logits.
 
     The forward keeps only each row's logsumexp; the backward recomputes the logits one chunk
-    of rows at a time. Returns the per-row unweighted NLL and the per-row smoothing sum
-    ``-sum_c w_c logp_c``.
+    of rows at a time and turns them into probabilities with the saved logsumexp. Returns the
+    per-row unweighted NLL ``lse - z_y``, the per-row smoothing sum
+    ``-sum_c w_c logp_c = lse * sum(w) - w . z`` (zeros unless ``smoothing``) and the logsumexp
+    (saved for the backward, not differentiable).
     """
 
     @staticmethod
@@ -278,49 +280,68 @@ class _ChunkedLinearCE(torch.autograd.Function):
         target: Tensor,
         class_weight: Tensor | None,
         chunk: int,
-    ) -> tuple[Tensor, Tensor]:
+        smoothing: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         n = input.size(0)
         nll = input.new_empty(n)
-        smooth = input.new_empty(n)
+        smooth = input.new_zeros(n)
+        lse = input.new_empty(n)
+        w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logp = torch.log_softmax(_linear_logits(input[rows], linear_weight, linear_bias), dim=-1)
-            nll[rows] = -logp.gather(1, target[rows, None])[:, 0]
-            wl = logp if class_weight is None else logp * class_weight
-            smooth[rows] = -wl.sum(-1)
-        return nll, smooth
+            logits = _linear_logits(input[rows], linear_weight, linear_bias)
+            row_lse = torch.logsumexp(logits, dim=-1)
+            lse[rows] = row_lse
+            nll[rows] = row_lse - logits.gather(1, target[rows, None])[:, 0]
+            if smoothing:
+                dot = logits.sum(-1) if class_weight is None else logits @ class_weight
+                smooth[rows] = row_lse * w_sum - dot
+        return nll, smooth, lse
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        input, linear_weight, linear_bias, target, class_weight, chunk = inputs
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight)
+        input, linear_weight, linear_bias, target, class_weight, chunk, smoothing = inputs
+        lse = output[2]
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse)
         ctx.chunk = chunk
+        ctx.smoothing = smoothing
 
     @staticmethod
-    def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor) -> tuple[Tensor | None, ...]:
-        input, linear_weight, linear_bias, target, class_weight = ctx.saved_tensors
+    def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor, g_lse: Tensor) -> tuple[Tensor | None, ...]:
+        del g_lse  # not differentiable
+        input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
         chunk: int = ctx.chunk
+        smoothing: bool = ctx.smoothing
+        # Under create_graph the backward is itself differentiated: no in-place updates then.
+        inplace = not torch.is_grad_enabled()
         g_input = torch.empty_like(input)
         g_weight = torch.zeros_like(linear_weight)
         g_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
-        classes = linear_weight.size(0)
+        w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
         for start in range(0, input.size(0), chunk):
             rows = slice(start, start + chunk)
             x = input[rows]
-            p = torch.softmax(_linear_logits(x, linear_weight, linear_bias), dim=-1)
+            logits = _linear_logits(x, linear_weight, linear_bias)
             # d(nll)/d(logits) = p - onehot(y); d(smooth)/d(logits) = p * sum(w) - w.
-            w_sum = float(classes) if class_weight is None else class_weight.sum()
-            g_logits = p * (g_nll[rows, None] + g_smooth[rows, None] * w_sum)
-            g_logits = g_logits.scatter_add(1, target[rows, None], -g_nll[rows, None])
-            if class_weight is None:
-                g_logits = g_logits - g_smooth[rows, None]
+            coef = g_nll[rows, None] + g_smooth[rows, None] * w_sum if smoothing else g_nll[rows, None]
+            if inplace:
+                g_logits = logits.sub_(lse[rows, None]).exp_().mul_(coef)
+                g_logits.scatter_add_(1, target[rows, None], -g_nll[rows, None])
             else:
-                g_logits = g_logits - g_smooth[rows, None] * class_weight
+                # the saved logsumexp is a constant to autograd; softmax keeps the dependence
+                g_logits = torch.softmax(logits, dim=-1) * coef
+                g_logits = g_logits.scatter_add(1, target[rows, None], -g_nll[rows, None])
+            if smoothing:
+                g_logits = g_logits - g_smooth[rows, None] * (1.0 if class_weight is None else class_weight)
             g_input[rows] = g_logits @ linear_weight
-            g_weight = g_weight + g_logits.T @ x
+            if inplace:
+                g_weight.addmm_(g_logits.T, x)
+            else:
+                g_weight = g_weight + g_logits.T @ x
             if g_bias is not None:
                 g_bias = g_bias + g_logits.sum(0)
-        return g_input, g_weight, g_bias, None, None, None
+        return g_input, g_weight, g_bias, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -411,8 +432,8 @@ def linear_cross_entropy(
     keep = target != index
     safe = torch.where(keep, target, 0)
     chunk = chunk_size if chunk_size is not None else max(1, (1 << 25) // max(classes, 1))
-    nll, smooth = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
-        input, linear_weight, linear_bias, safe, weight, int(chunk)
+    nll, smooth, _ = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
+        input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0
     )
     kept = keep.to(input.dtype)
     w = kept if weight is None else weight[safe] * kept

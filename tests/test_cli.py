@@ -1,0 +1,61 @@
+"""``python -m funcloss check``: the report a user reads to verify parity on their device."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from funcloss._bench import cases as bench_cases
+from funcloss._bench.check import run
+
+from .registry import DEVICES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_check_passes_and_lists_every_transform(device: str) -> None:
+    out = io.StringIO()
+    assert run(device, torch.float64, names=["mse_loss", "ctc_loss"], out=out) == 0
+    text = out.getvalue()
+    assert f"funcloss check on {device}" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("mse_loss", "ctc_loss"))}
+    assert set(rows) == {"mse_loss", "ctc_loss"}
+    # seven transforms, funcloss/torch in each cell; torch's CTC cannot be vmapped without a loop
+    assert len(rows["ctc_loss"]) == 3 + 7
+    assert all(cell.startswith("ok/") for cell in rows["ctc_loss"][3:])
+    assert rows["ctc_loss"][4] == "ok/loop"
+    assert "2 of 2 losses compared with torch; all match" in text
+
+
+def test_check_flags_a_loss_that_disagrees_with_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = bench_cases.CASES["l1_loss"]
+    wrong = dataclasses.replace(case, ours=lambda x, y, **kw: case.ours(x, y, **kw) * 1.01)
+    monkeypatch.setitem(bench_cases.CASES, "l1_loss", wrong)
+    out = io.StringIO()
+    assert run("cpu", torch.float64, names=["l1_loss"], out=out) == 1
+    assert "MISMATCH" in out.getvalue()
+    assert "1 problem" in out.getvalue()
+
+
+def test_check_says_which_losses_torch_could_not_run() -> None:
+    # torch has no float16 multi_margin_loss on the CPU; funcloss's own transforms still run.
+    out = io.StringIO()
+    assert run("cpu", torch.float16, names=["multi_margin_loss", "mse_loss"], out=out) == 0
+    text = out.getvalue()
+    assert "1 of 2 losses compared with torch" in text
+    assert "multi_margin_loss: NotImplementedError" in text
+
+
+def test_check_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "funcloss", "check", "--loss", "huber_loss", "--dtype", "float64"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "huber_loss" in result.stdout
