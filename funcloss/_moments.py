@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
@@ -31,15 +32,20 @@ import torch.func as tf
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import is_eager
 from ._per_sample import GradStats
+from .losses import _classification as fl_class
+from .losses import _probabilistic as fl_prob
+from .losses import _regression as fl_reg
 
 
 class _Moments:
     """Running float64 sums over samples, for every parameter element at once.
 
     One ``(4, P)`` buffer holds, per element: the sum, the sum of squares, the sum of signs and
-    the number of non-zeros; each parameter is a slice of it, so a layer's update is one
-    in-place add and the result is computed once over the flat buffer.
+    the number of non-zeros; each parameter is a slice of it. Each chunk's layers write their
+    sums (in the data's dtype) into a ``(4, P)`` chunk buffer, which is added to the float64
+    totals once per chunk; the result is computed once over the flat buffer.
     """
 
     def __init__(self, params: Mapping[str, Tensor]) -> None:
@@ -49,71 +55,160 @@ class _Moments:
         for k, p in params.items():
             self.offsets[k] = slice(start, start + p.numel())
             start += p.numel()
-        device = next(iter(params.values())).device
-        self.acc = torch.zeros(4, start, dtype=torch.float64, device=device)
+        first = next(iter(params.values()))
+        self.acc = torch.zeros(4, start, dtype=torch.float64, device=first.device)
+        self.chunk = torch.empty(4, start, dtype=first.dtype, device=first.device)
         self.norms: list[Tensor] = []
 
     def slot(self, name: str) -> Tensor:
-        """The ``(4, numel)`` slice of the accumulator that belongs to ``name``."""
-        return self.acc[:, self.offsets[name]]
+        """The ``(4, numel)`` slice of this chunk's buffer that belongs to ``name``; every
+        parameter's slot is written once per chunk."""
+        return self.chunk[:, self.offsets[name]]
+
+    def end_chunk(self) -> None:
+        self.acc.add_(self.chunk)
 
     def add_dense(self, name: str, g: Tensor, norms: Tensor) -> None:
-        """Fold explicit per-sample gradients ``g`` (b, *shape) into the sums."""
+        """Sums of explicit per-sample gradients ``g`` (b, *shape)."""
         flat = g.reshape(g.size(0), -1)
+        slot = self.slot(name)
         squares = flat * flat
         signs = flat.sign()
-        self.slot(name).add_(torch.stack([flat, squares, signs, signs.abs()]).sum(1))
+        torch.sum(flat, 0, out=slot[0])
+        torch.sum(squares, 0, out=slot[1])
+        torch.sum(signs, 0, out=slot[2])
+        torch.sum(signs.abs_(), 0, out=slot[3])
         norms += squares.sum(1)
 
-    def add_outer(self, name: str, g: Tensor, a: Tensor, norms: Tensor) -> None:
-        """Fold per-sample gradients ``g_i a_i^T`` given ``G`` (b, out) and ``A`` (b, in): the
-        four sums are one batched matmul in the data's dtype."""
-        g2, a2 = g * g, a * a
-        sg, sa = g.sign(), a.sign()
-        left = torch.stack([g, g2, sg, sg.abs()]).transpose(1, 2)
-        right = torch.stack([a, a2, sa, sa.abs()])
-        self.slot(name).add_(torch.bmm(left, right).reshape(4, -1))
-        norms += g2.sum(1) * a2.sum(1)
+    def add_linear(self, weight: str | None, bias: str | None, g: Tensor, a: Tensor, norms: Tensor) -> None:
+        """Sums for a Linear layer on 2-D inputs, given ``G`` (b, out) and ``A`` (b, in). The
+        weight's per-sample gradients are ``g_i a_i^T``: its four sums are one batched matmul
+        of ``[G, G^2, sign G, |sign G|]^T`` and ``[A, A^2, sign A, |sign A|]``; the bias's
+        per-sample gradients are ``g_i``, whose sums are the row sums of the same left factor.
+        Squared norms: ``||g_i||^2 ||a_i||^2`` and ``||g_i||^2``."""
+        left = _powers(g).transpose(1, 2)
+        g_norms = left[1].sum(0)
+        if weight is not None:
+            right = _powers(a)
+            self.slot(weight).view(4, g.size(1), a.size(1)).copy_(torch.bmm(left, right))
+            a_norms = right[1].sum(1)
+            norms += g_norms * (a_norms + 1) if bias is not None else g_norms * a_norms
+        elif bias is not None:
+            norms += g_norms
+        if bias is not None:
+            torch.sum(left, 2, out=self.slot(bias))
 
-    def add_rows(self, name: str, rows: Tensor, per_row: Tensor) -> None:
-        """Fold per-(sample, row) gradients ``per_row`` (pairs, D) into rows ``rows`` of a
-        ``(V, D)`` parameter (an embedding)."""
-        squares = per_row * per_row
-        signs = per_row.sign()
-        stats = torch.stack([per_row, squares, signs, signs.abs()])
-        self.slot(name).view(4, *self.shapes[name]).index_add_(1, rows, stats)
+    def add_rows(self, name: str, rows: Tensor, per_row: Tensor) -> Tensor:
+        """Sums of per-(sample, row) gradients ``per_row`` (pairs, D) that touch rows ``rows``
+        of a ``(V, D)`` parameter (an embedding). Returns their powers ``(4, pairs, D)``."""
+        slot = self.slot(name)
+        slot.zero_()
+        stats = _powers(per_row.to(slot.dtype))
+        for target, source in zip(slot.view(4, *self.shapes[name]), stats):
+            target.index_add_(0, rows, source)
+        return stats
 
     def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
         total, squares, signs, nonzero = self.acc
-        mean = total / count
-        if count > 1:
-            var = (squares - total * mean).clamp_min(0) / (count - 1)
-        else:
-            var = torch.full_like(mean, float("nan"))
         dtype = next(iter(params.values())).dtype
-        stats = torch.stack([mean, var, signs, count - nonzero]).to(dtype)
+        out = torch.empty(4, total.numel(), dtype=dtype, device=total.device)
+        mean = total / count
+        out[0].copy_(mean)
+        if count > 1:
+            out[1].copy_((squares - total * mean).clamp_min_(0).div_(count - 1))
+        else:
+            out[1].fill_(float("nan"))
+        out[2].copy_(signs)
+        out[3].copy_(nonzero).neg_().add_(count)
 
-        def split(row: Tensor) -> dict[str, Tensor]:
-            return {k: row[sl].view(self.shapes[k]) for k, sl in self.offsets.items()}
-
+        blocks = {k: out[:, sl].view(4, *self.shapes[k]).unbind(0) for k, sl in self.offsets.items()}
         return GradStats(
             count=count,
-            mean=split(stats[0]),
-            variance=split(stats[1]),
-            sign_sum=split(stats[2]),
-            zeros=split(stats[3]),
+            mean={k: v[0] for k, v in blocks.items()},
+            variance={k: v[1] for k, v in blocks.items()},
+            sign_sum={k: v[2] for k, v in blocks.items()},
+            zeros={k: v[3] for k, v in blocks.items()},
             sq_norms=torch.cat(self.norms).to(dtype),
-            sum_sq_norm=(total * total).sum().to(dtype),
+            sum_sq_norm=torch.dot(total, total).to(dtype),
         )
+
+
+def _powers(x: Tensor) -> Tensor:
+    """``stack([x, x^2, sign(x), |sign(x)|])``, written into one buffer."""
+    out = torch.empty((4, *x.shape), dtype=x.dtype, device=x.device)
+    out[0].copy_(x)
+    torch.mul(x, x, out=out[1])
+    torch.sign(x, out=out[2])
+    torch.abs(out[2], out=out[3])
+    return out
+
+
+_CLASS_LOSSES: dict[Callable[..., Tensor], frozenset[str]] = {
+    fl_class.cross_entropy: frozenset({"label_smoothing"}),
+    F.cross_entropy: frozenset({"label_smoothing"}),
+    fl_class.nll_loss: frozenset(),
+    F.nll_loss: frozenset(),
+}
+_ELEMENTWISE_LOSSES: dict[Callable[..., Tensor], frozenset[str]] = {
+    fl_reg.l1_loss: frozenset(),
+    F.l1_loss: frozenset(),
+    fl_reg.mse_loss: frozenset(),
+    F.mse_loss: frozenset(),
+    fl_reg.huber_loss: frozenset({"delta"}),
+    F.huber_loss: frozenset({"delta"}),
+    fl_reg.smooth_l1_loss: frozenset({"beta"}),
+    F.smooth_l1_loss: frozenset({"beta"}),
+    fl_prob.binary_cross_entropy_with_logits: frozenset(),
+    F.binary_cross_entropy_with_logits: frozenset(),
+}
+
+
+def _rowwise(
+    loss_fn: Callable[..., Tensor], loss_kwargs: Mapping[str, Any]
+) -> Callable[[Tensor, Tensor], Tensor | None] | None:
+    """For a known loss whose value on a batch of one sample is its unreduced value averaged
+    over that sample's positions, the per-sample losses in one batched call (no ``vmap``);
+    None for any other loss.
+
+    Class losses qualify without weights (a batch of one divides by its own target's weight)
+    for 2-D scores and 1-D class indices with no ignored target (one of those alone is 0 / 0);
+    elementwise losses for a target of the input's shape. Where a call does not qualify, the
+    returned function gives None and the caller vmaps the loss over samples.
+    """
+    kwargs = dict(loss_kwargs)
+    while isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        kwargs = {**loss_fn.keywords, **kwargs}
+        loss_fn = loss_fn.func
+    if loss_fn in _CLASS_LOSSES and set(kwargs) <= _CLASS_LOSSES[loss_fn]:
+        fn = loss_fn
+
+        def classes(out: Tensor, target: Tensor) -> Tensor | None:
+            if out.dim() != 2 or target.shape != out.shape[:1] or target.is_floating_point():
+                return None
+            if not is_eager() or bool((target == -100).any()):
+                return None
+            return fn(out, target, reduction="none", **kwargs)
+
+        return classes
+    if loss_fn in _ELEMENTWISE_LOSSES and set(kwargs) <= _ELEMENTWISE_LOSSES[loss_fn]:
+        fn = loss_fn
+
+        def elementwise(out: Tensor, target: Tensor) -> Tensor | None:
+            if out.shape != target.shape or out.dim() < 1:
+                return None
+            return fn(out, target, reduction="none", **kwargs).reshape(out.size(0), -1).mean(1)
+
+        return elementwise
+    return None
 
 
 def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
     """Modules owning trainable parameters, if all are Linear, plain Embedding or plain Conv2d;
     else None."""
     layers: dict[str, nn.Module] = {}
-    owned = 0
-    for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+    owned: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = [p for p in module._parameters.values() if p is not None and p.requires_grad]
         if not own:
             continue
         if isinstance(module, nn.Embedding):
@@ -124,12 +219,11 @@ def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
                 return None
         elif not isinstance(module, nn.Linear):
             return None
+        if name in layers or any(id(p) in owned for p in own):
+            return None  # a module or parameter reached twice: shared
         layers[name] = module
-        owned += len(own)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if owned != len(trainable) or not layers:
-        return None  # shared parameters, or parameters used outside their module
-    return layers
+        owned.update(id(p) for p in own)
+    return layers or None
 
 
 def _recorder(calls: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Any, ...], Tensor], None]:
@@ -164,7 +258,13 @@ def _captured(
     def per_sample_loss(out: Tensor, target: Tensor) -> Tensor:
         return loss_fn(out.unsqueeze(0), target.unsqueeze(0), **loss_kwargs)
 
-    batched_loss = tf.vmap(per_sample_loss)
+    vmapped = tf.vmap(per_sample_loss)
+    rowwise = _rowwise(loss_fn, loss_kwargs)
+
+    def batched_loss(out: Tensor, target: Tensor) -> Tensor:
+        losses = rowwise(out, target) if rowwise is not None else None
+        return vmapped(out, target) if losses is None else losses
+
     n = inputs.size(0)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
@@ -214,6 +314,7 @@ def layer_moments(
             norms = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=inputs.device)
             for name, module, layer_in, grad_out in captured:
                 _fold(acc, name, module, layer_in, grad_out, norms)
+            acc.end_chunk()
             acc.norms.append(norms)
             if progress:
                 print(f"\rgrad_stats: {rows.stop}/{n} samples", end="", file=sys.stderr)
@@ -312,20 +413,19 @@ def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, nor
         ids = a.reshape(b, -1)
         key = (torch.arange(b, device=ids.device).unsqueeze(1) * vocab + ids).reshape(-1)
         pairs, where = torch.unique(key, return_inverse=True)
-        per_pair = torch.zeros(pairs.numel(), dim, dtype=torch.float64, device=g.device)
-        per_pair.index_add_(0, where, g.reshape(-1, dim).double())
+        per_pair = torch.zeros(pairs.numel(), dim, dtype=g.dtype, device=g.device)
+        per_pair.index_add_(0, where, g.reshape(-1, dim))
         token, sample = pairs % vocab, pairs // vocab
         if module.padding_idx is not None:
             per_pair = per_pair * (token != module.padding_idx).unsqueeze(1)
-        acc.add_rows(_key(name, "weight"), token, per_pair)
-        norms.index_add_(0, sample, (per_pair * per_pair).sum(1))
+        stats = acc.add_rows(_key(name, "weight"), token, per_pair)
+        norms.index_add_(0, sample, stats[1].sum(1).to(norms.dtype))
         return
     bias = cast(Tensor | None, module.bias)
     if a.dim() == 2:
-        if weight.requires_grad:
-            acc.add_outer(_key(name, "weight"), g, a, norms)
-        if bias is not None and bias.requires_grad:
-            acc.add_dense(_key(name, "bias"), g, norms)
+        weight_key = _key(name, "weight") if weight.requires_grad else None
+        bias_key = _key(name, "bias") if bias is not None and bias.requires_grad else None
+        acc.add_linear(weight_key, bias_key, g, a, norms)
         return
     # Inputs (b, ..., in): a sum of outer products per sample, formed for this chunk.
     g3, a3 = g.reshape(b, -1, g.size(-1)), a.reshape(b, -1, a.size(-1))

@@ -272,17 +272,13 @@ def grad_stats(
     if size < 1:
         raise ValueError(f"grad_stats(...): expected chunk_size >= 1, got {chunk_size}.")
     params = _trainable(model)
-    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
-    per_chunk = per_sample_grad(loss, randomness=randomness)
-    if groups is not None:
-        if groups.shape != (n,) or groups.is_floating_point():
-            raise ValueError(
-                f"grad_stats(...): expected integer groups of shape ({n},), got {groups.dtype} {tuple(groups.shape)}."
-            )
-        return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
+    if groups is not None and (groups.shape != (n,) or groups.is_floating_point()):
+        raise ValueError(
+            f"grad_stats(...): expected integer groups of shape ({n},), got {groups.dtype} {tuple(groups.shape)}."
+        )
     if method not in ("auto", "vmap"):
         raise ValueError(f"grad_stats(...): expected method 'auto' or 'vmap', got {method!r}.")
-    if method == "auto" and randomness == "different":
+    if groups is None and method == "auto" and randomness == "different":
         from ._moments import layer_moments
 
         fast = layer_moments(
@@ -290,6 +286,10 @@ def grad_stats(
         )
         if fast is not None:
             return fast
+    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+    per_chunk = per_sample_grad(loss, randomness=randomness)
+    if groups is not None:
+        return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
 
     acc = _Running(params)
     chunks = list(_chunks(n, size))
