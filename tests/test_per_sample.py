@@ -404,3 +404,74 @@ def test_works_inside_no_grad(method: str) -> None:
     for name, v in expected.items():
         torch.testing.assert_close(grads[name], v)
         torch.testing.assert_close(stats.mean[name], v.mean(0))
+
+
+# Losses whose per-sample values the layer path computes in one batched call (no vmap).
+ROWWISE: list[tuple[str, Callable[..., Tensor], str]] = [
+    ("fl.cross_entropy", fl.cross_entropy, "index"),
+    ("F.cross_entropy", nn.functional.cross_entropy, "index"),
+    ("smoothed F.cross_entropy", functools.partial(nn.functional.cross_entropy, label_smoothing=0.3), "index"),
+    ("fl.nll_loss", fl.nll_loss, "index"),
+    ("F.nll_loss", nn.functional.nll_loss, "index"),
+    ("fl.mse_loss", fl.mse_loss, "float"),
+    ("F.l1_loss", nn.functional.l1_loss, "float"),
+    ("huber delta", functools.partial(fl.huber_loss, delta=0.3), "float"),
+    ("F.smooth_l1_loss", nn.functional.smooth_l1_loss, "float"),
+    ("fl.bce_with_logits", fl.binary_cross_entropy_with_logits, "prob"),
+]
+
+
+def _rowwise_targets(kind: str, n: int, classes: int, g: torch.Generator) -> Tensor:
+    if kind == "index":
+        return torch.randint(0, classes, (n,), generator=g)
+    if kind == "prob":
+        return torch.rand(n, classes, generator=g, dtype=D)
+    return torch.randn(n, classes, generator=g, dtype=D)
+
+
+@pytest.mark.parametrize(("label", "loss", "kind"), ROWWISE, ids=[r[0] for r in ROWWISE])
+def test_batched_per_sample_losses_equal_losses_of_one_sample(
+    label: str, loss: Callable[..., Tensor], kind: str
+) -> None:
+    from funcloss._moments import _rowwise
+
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(6, 4, generator=g, dtype=D)
+    y = _rowwise_targets(kind, 6, 4, g)
+    rowwise = _rowwise(loss, {})
+    assert rowwise is not None, f"{label} should take the batched path"
+    ours = rowwise(out, y)
+    assert ours is not None
+    torch.testing.assert_close(ours, torch.stack([loss(out[i : i + 1], y[i : i + 1]) for i in range(6)]))
+
+
+@pytest.mark.parametrize(("label", "loss", "kind"), ROWWISE, ids=[r[0] for r in ROWWISE])
+def test_per_sample_work_with_batched_losses_match_a_loop(label: str, loss: Callable[..., Tensor], kind: str) -> None:
+    model, x, _ = _setup("mlp")
+    y = _rowwise_targets(kind, len(x), 3, torch.Generator().manual_seed(4))
+    expected = _loop(model, loss, x, y)
+    grads = fl.per_sample_grads(model, loss, x, y)
+    stats = fl.grad_stats(model, loss, x, y, chunk_size=4)
+    for name, v in expected.items():
+        torch.testing.assert_close(grads[name], v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(stats.mean[name], v.mean(0))
+        torch.testing.assert_close(stats.variance[name], v.var(0))
+
+
+def test_losses_that_do_not_reduce_to_rows_keep_the_per_sample_definition() -> None:
+    """With class weights and smoothing, a batch of one divides by its own target's weight, which
+    is not the unreduced loss; an ignored target gives 0/0. Both go through vmap."""
+    from funcloss._moments import _rowwise
+
+    w = torch.tensor([0.5, 2.0, 1.0], dtype=D)
+    assert _rowwise(fl.cross_entropy, {"weight": w, "label_smoothing": 0.2}) is None
+    assert _rowwise(fl.mse_loss, {"weight": torch.ones(3, dtype=D)}) is None
+    model, x, y = _setup("mlp")
+    for loss, targets in [
+        (functools.partial(fl.cross_entropy, weight=w, label_smoothing=0.2), y),
+        (fl.cross_entropy, torch.where(torch.arange(len(y)) == 2, -100, y)),
+    ]:
+        expected = _loop(model, loss, x, targets)
+        grads = fl.per_sample_grads(model, loss, x, targets)
+        for name, v in expected.items():
+            torch.testing.assert_close(grads[name], v, equal_nan=True)
