@@ -272,19 +272,26 @@ FUSED = [
 def test_large_inputs_take_the_fast_path_and_still_match_torch(
     name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str
 ) -> None:
-    """Large eager inputs reduce through dot products; values, gradients (input and target) and
-    second derivatives (create_graph) must still be torch's."""
+    """Large eager inputs reduce chunk by chunk through dot products (600 x 500: two full chunks
+    and a partial one) and their backward writes in place; values, gradients (input and
+    target, with and without create_graph) and second derivatives must still be torch's."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 300, generator=g, dtype=dtype, requires_grad=True)
-    y = torch.randn(300, 300, generator=g, dtype=dtype, requires_grad=True)
+    shape = (600, 500)
+    x = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+    y = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
     if name.startswith("binary_cross_entropy"):
-        y = torch.rand(300, 300, generator=g, dtype=dtype, requires_grad=True)
+        y = torch.rand(*shape, generator=g, dtype=dtype, requires_grad=True)
     if name == "binary_cross_entropy":  # probabilities inside (1e-12, 1 - 1e-12): no clamp acts
-        x = (torch.rand(300, 300, generator=g, dtype=dtype) * 0.98 + 0.01).requires_grad_(True)
+        x = (torch.rand(*shape, generator=g, dtype=dtype) * 0.98 + 0.01).requires_grad_(True)
     ours = getattr(fl, name)(x, y, reduction=reduction, **kwargs)
     theirs = getattr(F, name)(x, y, reduction=reduction, **kwargs)
+    assert type(ours.grad_fn).__name__ in ("_DifferenceLossBackward", "_LogitsBCEBackward", "_ProbabilityBCEBackward")
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=0.0)
+    for a, b in zip(
+        torch.autograd.grad(ours, (x, y), retain_graph=True), torch.autograd.grad(theirs, (x, y), retain_graph=True)
+    ):
+        torch.testing.assert_close(a, b)
     g_ours = torch.autograd.grad(ours, (x, y), create_graph=True)
     g_theirs = torch.autograd.grad(theirs, (x, y), create_graph=True)
     for a, b in zip(g_ours, g_theirs):

@@ -467,10 +467,11 @@ def test_losses_that_do_not_reduce_to_rows_keep_the_per_sample_definition() -> N
     assert _rowwise(fl.cross_entropy, {"weight": w, "label_smoothing": 0.2}) is None
     assert _rowwise(fl.mse_loss, {"weight": torch.ones(3, dtype=D)}) is None
     model, x, y = _setup("mlp")
-    for loss, targets in [
+    cases: list[tuple[Callable[..., Tensor], Tensor]] = [
         (functools.partial(fl.cross_entropy, weight=w, label_smoothing=0.2), y),
         (fl.cross_entropy, torch.where(torch.arange(len(y)) == 2, -100, y)),
-    ]:
+    ]
+    for loss, targets in cases:
         expected = _loop(model, loss, x, targets)
         grads = fl.per_sample_grads(model, loss, x, targets)
         for name, v in expected.items():

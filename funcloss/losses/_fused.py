@@ -2,15 +2,20 @@
 
 On large inputs these losses are bound by memory traffic: every intermediate of a composition
 of primitives is a full pass over memory, where torch's fused kernels make one. For the
-``"mean"``/``"sum"`` reductions this function reduces through dot products (no tensor of
-values is formed) and its backward recomputes the derivative from ``input`` and ``target``
-with differentiable primitives, so a second derivative in eager mode (a gradient penalty,
-``torch.autograd.functional.hessian``) stays exact. Under torch.func transforms and
+``"mean"``/``"sum"`` reductions the forward runs over cache-sized chunks of the flattened
+inputs, reusing two scratch buffers and reducing each chunk through dot products and norms (no
+full-size temporary is allocated: on a machine where fresh large allocations fault in their
+pages, that costs more than the arithmetic). The backward writes the derivative in place into
+the gradient it returns, recomputing it from ``input`` and ``target``; when the backward itself
+is differentiated (``create_graph=True``) it uses differentiable primitives instead, so a
+second derivative in eager mode (a gradient penalty, ``torch.autograd.functional.hessian``)
+stays exact. Under torch.func transforms and
 torch.compile the losses use their plain composition instead (see `use_fused`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -36,18 +41,39 @@ def use_fused(input: Tensor, target: Tensor, reduction: str) -> bool:
     )
 
 
+# Elements per chunk of the forward: two float32 scratch buffers of this size stay in cache.
+_CHUNK = 1 << 18
+
+
+def _chunked(total: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], input: Tensor, target: Tensor) -> Tensor:
+    """``sum_k total(input_k, target_k, scratch_1, scratch_2)`` over chunks of the flattened
+    inputs; the scratch buffers are reused from chunk to chunk."""
+    x, y = input.reshape(-1), target.reshape(-1)
+    n = x.numel()
+    size = min(n, _CHUNK)
+    scratch = torch.empty(2, size, dtype=x.dtype, device=x.device)
+    parts = []
+    for start in range(0, n, size):
+        k = min(size, n - start)
+        parts.append(total(x[start : start + k], y[start : start + k], scratch[0, :k], scratch[1, :k]))
+    result: Tensor = torch.stack(parts).sum()
+    return result
+
+
 class _DifferenceLoss(torch.autograd.Function):
     @staticmethod
     def forward(input: Tensor, target: Tensor, kind: Kind, delta: float, factor: float) -> Tensor:
-        d = (input - target).reshape(-1)
-        if kind == "mse":
-            total = torch.dot(d, d)
-        elif kind == "l1":
-            total = torch.linalg.vector_norm(d, ord=1)
-        else:
-            c = F.hardtanh(d, -delta, delta)
-            total = torch.dot(c, d) - 0.5 * torch.dot(c, c)
-        return total * factor
+        def chunk_total(x: Tensor, y: Tensor, d: Tensor, c: Tensor) -> Tensor:
+            torch.sub(x, y, out=d)
+            if kind == "mse":
+                return torch.dot(d, d)
+            if kind == "l1":
+                norm: Tensor = torch.linalg.vector_norm(d, ord=1)
+                return norm
+            torch.clamp(d, -delta, delta, out=c)  # huber(d) = c (d - c / 2)
+            return torch.dot(c, d) - 0.5 * torch.dot(c, c)
+
+        return _chunked(chunk_total, input, target) * factor
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -59,12 +85,19 @@ class _DifferenceLoss(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         input, target = ctx.saved_tensors
         d = input - target
-        if ctx.kind == "mse":
-            dx = d * (grad * (2.0 * ctx.factor))
+        if torch.is_grad_enabled():  # create_graph: the backward is differentiated, stay out of place
+            if ctx.kind == "mse":
+                dx = d * (grad * (2.0 * ctx.factor))
+            elif ctx.kind == "l1":
+                dx = d.sign() * (grad * ctx.factor)
+            else:
+                dx = F.hardtanh(d, -ctx.delta, ctx.delta) * (grad * ctx.factor)
+        elif ctx.kind == "mse":
+            dx = d.mul_(grad * (2.0 * ctx.factor))
         elif ctx.kind == "l1":
-            dx = d.sign() * (grad * ctx.factor)
+            dx = d.sign_().mul_(grad * ctx.factor)
         else:
-            dx = F.hardtanh(d, -ctx.delta, ctx.delta) * (grad * ctx.factor)
+            dx = d.clamp_(-ctx.delta, ctx.delta).mul_(grad * ctx.factor)
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         return (dx if need_x else None), (-dx if need_y else None), None, None, None
 
@@ -94,15 +127,24 @@ class _LogitsBCE(_PairTotal):
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
-        x, y = input.reshape(-1), target.reshape(-1)
-        return (F.softplus(x).sum() - torch.dot(x, y)) * factor
+        def chunk_total(x: Tensor, y: Tensor, sp: Tensor, _: Tensor) -> Tensor:
+            torch.nn.functional.softplus(x, out=sp)  # type: ignore[call-arg]
+            return sp.sum() - torch.dot(x, y)
+
+        return _chunked(chunk_total, input, target) * factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         input, target = ctx.saved_tensors
         scale = grad * ctx.factor
-        dx = (torch.sigmoid(input) - target) * scale if ctx.needs_input_grad[0] else None
-        dy = input * -scale if ctx.needs_input_grad[1] else None
+        dx = dy = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled():
+                dx = (torch.sigmoid(input) - target) * scale
+            else:
+                dx = torch.sigmoid(input).sub_(target).mul_(scale)
+        if ctx.needs_input_grad[1]:
+            dy = input * -scale
         return dx, dy, None
 
 
@@ -112,10 +154,13 @@ class _ProbabilityBCE(_PairTotal):
 
     @staticmethod
     def forward(input: Tensor, target: Tensor, factor: float) -> Tensor:
-        p, y = input.reshape(-1), target.reshape(-1)
-        log_p, log_q = torch.log(p), torch.log1p(-p)
-        # y log p + (1 - y) log q = log q + y (log p - log q)
-        return -(log_q.sum() + torch.dot(y, log_p - log_q)) * factor
+        def chunk_total(p: Tensor, y: Tensor, log_q: Tensor, log_p: Tensor) -> Tensor:
+            # y log p + (1 - y) log q = log q + y (log p - log q)
+            torch.log1p(torch.neg(p, out=log_q), out=log_q)
+            torch.log(p, out=log_p)
+            return log_q.sum() + torch.dot(y, log_p.sub_(log_q))
+
+        return -_chunked(chunk_total, input, target) * factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
