@@ -171,7 +171,9 @@ def smooth_l1_loss(
             f"smooth_l1_loss(...): expected beta >= 0, got {beta}. smooth_l1_loss does not support "
             "negative values for beta."
         )
-    if beta > 0.0 and use_fused(input, target, reduction):
+    if use_fused(input, target, reduction):
+        if beta == 0.0:
+            return fused_difference_loss(input, target, "l1", reduction)
         return fused_difference_loss(input, target, "huber", reduction, delta=beta, scale=1.0 / beta)
     x, y = input, target
     d = x - y
