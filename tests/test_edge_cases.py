@@ -266,17 +266,17 @@ FUSED = [
 ]
 
 
+@pytest.mark.parametrize("shape", [(300, 300), (600, 500)], ids=["one-chunk", "three-chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(("name", "kwargs"), FUSED, ids=[f"{n}-{k}" for n, k in FUSED])
 def test_large_inputs_take_the_fast_path_and_still_match_torch(
-    name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str
+    name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str, shape: tuple[int, int]
 ) -> None:
     """Large eager inputs reduce chunk by chunk through dot products (600 x 500: two full chunks
     and a partial one) and their backward writes in place; values, gradients (input and
     target, with and without create_graph) and second derivatives must still be torch's."""
     g = torch.Generator().manual_seed(0)
-    shape = (600, 500)
     x = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
     y = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
     if name.startswith("binary_cross_entropy"):

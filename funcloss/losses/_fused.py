@@ -41,7 +41,9 @@ def use_fused(input: Tensor, target: Tensor, reduction: str) -> bool:
     )
 
 
-# Elements per chunk of the forward: two float32 scratch buffers of this size stay in cache.
+# Elements per chunk of the forward on the CPU: two float32 scratch buffers of this size stay in
+# cache. Accelerators take the whole input as one chunk (their allocators cache, and every chunk
+# is more kernel launches).
 _CHUNK = 1 << 18
 
 
@@ -50,8 +52,10 @@ def _chunked(total: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], input: T
     inputs; the scratch buffers are reused from chunk to chunk."""
     x, y = input.reshape(-1), target.reshape(-1)
     n = x.numel()
-    size = min(n, _CHUNK)
+    size = min(n, _CHUNK) if x.device.type == "cpu" else n
     scratch = torch.empty(2, size, dtype=x.dtype, device=x.device)
+    if size == n:
+        return total(x, y, scratch[0], scratch[1])
     parts = []
     for start in range(0, n, size):
         k = min(size, n - start)
