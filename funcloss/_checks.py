@@ -69,14 +69,27 @@ def check_same_shape(fn: str, input: Tensor, target: Tensor, *, exc: type[Except
         )
 
 
-def check_values(ok: Tensor | bool, exc: type[Exception], message: str) -> None:
+def check_values(ok: Tensor | bool, exc: type[Exception], message: str, *, device_assert: bool = False) -> None:
     """Raise ``exc(message)`` if ``ok`` is false; a no-op under transforms and compile.
 
-    ``ok`` is a boolean tensor (all elements must hold) or a Python bool.
+    ``ok`` is a boolean tensor (all elements must hold) or a Python bool. With
+    ``device_assert``, a tensor on an accelerator is checked the way torch's own kernels check
+    it there: asynchronously, with no host synchronisation (a failure surfaces as a
+    device-side assertion ``RuntimeError`` at a later synchronising call).
     """
     if isinstance(ok, bool):
         if not ok:
             raise exc(message)
         return
-    if is_eager() and not bool(ok.all()):
+    if not is_eager():
+        return
+    if device_assert and on_accelerator(ok):
+        torch._assert_async(ok.all(), message)
+        return
+    if not bool(ok.all()):
         raise exc(message)
+
+
+def on_accelerator(t: Tensor) -> bool:
+    """Whether ``t`` lives where reading a value back costs a host synchronisation."""
+    return t.device.type not in ("cpu", "meta")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_reduction, is_eager
+from .._checks import check_reduction, is_eager, on_accelerator
 from .._combinators import reduce
 from .._typing import Reduction
 
@@ -50,6 +50,12 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
     """Raise ``IndexError`` for a target out of range (eager mode only). Returns True when it
     has also established that no target is ``ignore_index`` (so nothing is masked)."""
     if not is_eager() or target.numel() == 0:
+        return False
+    if on_accelerator(target):
+        # As torch's kernels do there: a device-side assertion, no host synchronisation (so
+        # whether any target is ignored stays unknown, and the masked path is taken).
+        valid = ((target >= 0) & (target < classes)) | (target == ignore_index)
+        torch._assert_async(valid.all(), f"Target out of bounds: expected class indices in [0, {classes - 1}].")
         return False
     low, high = torch.stack(list(torch.aminmax(target))).tolist()
     if low >= 0 and high < classes:

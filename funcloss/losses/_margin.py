@@ -156,6 +156,7 @@ def multi_margin_loss(
         (target >= 0) & (target < classes),
         RuntimeError,
         f"multi_margin_loss(...): expected targets in [0, {classes - 1}], got one out of range. target out of range.",
+        device_assert=True,
     )
     # z over every class, the target's own included: there (x_y - x_y) + margin is exactly
     # margin, and its derivative exactly 0, so its term relu(margin)^p is subtracted instead of
@@ -203,6 +204,7 @@ def multilabel_margin_loss(
         RuntimeError,
         f"multilabel_margin_loss(...): expected targets in [-1, {classes - 1}], got one out of range. "
         "argument #2 'target' is out of range.",
+        device_assert=True,
     )
     listed = torch.cumprod((target != -1).to(torch.int64), dim=-1).bool()  # before the first -1
     safe = target.clamp_min(0)

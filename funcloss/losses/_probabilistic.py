@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_reduction, check_same_shape, is_eager
+from .._checks import check_reduction, check_same_shape, is_eager, on_accelerator
 from .._combinators import batchmean, reduce
 from .._typing import KLDivReduction, Reduction
 from ._fused import fused_logits_bce, fused_probability_bce, use_fused
@@ -64,7 +64,12 @@ def binary_cross_entropy(
             f"{target.dtype}. Convert it with target.to(input.dtype)."
         )
     interior = False
-    if is_eager() and input.numel():
+    if is_eager() and input.numel() and on_accelerator(input):
+        # As torch's kernel does there: a device-side assertion, no host synchronisation (and
+        # so no knowledge of whether the clamps can act: the clamped path is taken).
+        inside = (input.detach() >= 0) & (input.detach() <= 1)
+        torch._assert_async(inside.all(), "binary_cross_entropy(...): expected all elements of input in [0, 1].")
+    elif is_eager() and input.numel():
         # One pass for the range check; the same min/max say whether torch's clamps can act.
         low, high = torch.stack(list(torch.aminmax(input.detach()))).double().tolist()
         if not (low >= 0.0 and high <= 1.0):  # also catches NaN
