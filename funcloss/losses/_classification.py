@@ -52,10 +52,9 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
     if not is_eager() or target.numel() == 0:
         return False
     if on_accelerator(target):
-        # As torch's kernels do there: a device-side assertion, no host synchronisation (so
-        # whether any target is ignored stays unknown, and the masked path is taken).
-        valid = ((target >= 0) & (target < classes)) | (target == ignore_index)
-        torch._assert_async(valid.all(), f"Target out of bounds: expected class indices in [0, {classes - 1}].")
+        # No host synchronisation there: as in torch's kernels, a target out of range fails a
+        # device-side assertion, that of the gather in `_pick`. Whether any target is ignored
+        # stays unknown, so the masked path is taken.
         return False
     low, high = torch.stack(list(torch.aminmax(target))).tolist()
     if low >= 0 and high < classes:
@@ -71,8 +70,9 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
 
 
 def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
-    """``logp[..., target, ...]`` along the class dim, for in-range targets."""
-    if logp.dim() == 2 and logp.is_contiguous():
+    """``logp[..., target, ...]`` along the class dim. On accelerators the gather's own bounds
+    check is the (asynchronous) range check."""
+    if logp.dim() == 2 and logp.is_contiguous() and not on_accelerator(logp):
         # (N, C): pick from the flat view; index_select's backward (an index_add into a flat
         # buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
         rows, classes = logp.shape
