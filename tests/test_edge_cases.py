@@ -302,3 +302,17 @@ def test_large_inputs_take_the_fast_path_and_still_match_torch(
     # differ by rounding at ~1e-4 relative near p = 0.01 (float64 agrees to 1e-12).
     h_rtol = 1e-3 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(h_ours, h_theirs, rtol=h_rtol, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), FUSED[:6], ids=[f"{n}-{k}" for n, k in FUSED[:6]])
+def test_fast_path_with_non_contiguous_inputs(name: str, kwargs: dict[str, float]) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 600, generator=g, dtype=torch.float64).T.requires_grad_(True)
+    y = torch.randn(500, 600, generator=g, dtype=torch.float64).T.requires_grad_(True)
+    if name.startswith("binary_cross_entropy"):
+        y = torch.rand(500, 600, generator=g, dtype=torch.float64).T.requires_grad_(True)
+    ours = getattr(fl, name)(x, y, **kwargs)
+    theirs = getattr(F, name)(x, y, **kwargs)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(torch.autograd.grad(ours, (x, y)), torch.autograd.grad(theirs, (x, y))):
+        torch.testing.assert_close(a, b)
