@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from .rss import cuda_peak_extra_bytes, sync
+
 _SIZES = (8192, 512, 32000)
 
 
@@ -56,21 +58,6 @@ def _peak(method: str) -> float:
     return int(out.stdout.split()[-1]) / 2**20
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _cuda_peak(fn: Callable[[], object]) -> float:
-    fn()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def run(rounds: int = 5, device: str = "cpu") -> int:
     n, h, c = _SIZES
     print(
@@ -79,7 +66,7 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
     )
     methods = _methods(device)
     if device.startswith("cuda"):
-        peaks = {label: _cuda_peak(fn) for label, fn in methods.items()}
+        peaks = {label: cuda_peak_extra_bytes(fn) / 2**20 for label, fn in methods.items()}
     else:
         peaks = {label: _peak(label) for label in methods}
     for fn in methods.values():
@@ -91,10 +78,10 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
         random.shuffle(order)
         t = {}
         for label in order:
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             methods[label]()
-            _sync(device)
+            sync(device)
             t[label] = time.perf_counter() - start
         for label in methods:
             ratios[label].append(t[label] / t[base])

@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 import funcloss as fl
 
+from .rss import cuda_peak_extra_bytes, sync
+
 
 class _Bag(nn.Module):
     def __init__(self) -> None:
@@ -118,17 +120,12 @@ def _methods(name: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
     return methods
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _time(fn: Callable[[], object], reps: int, device: str = "cpu") -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / reps
 
 
@@ -163,14 +160,7 @@ def peak_memory_mb(name: str, method: str, device: str = "cpu") -> float:
     """Peak memory growth (MiB) during one call of ``method``: on the CPU, of the peak RSS of a
     fresh process; on CUDA, of the caching allocator's peak allocation."""
     if device.startswith("cuda"):
-        fn = _methods(name, device)[method]
-        fn()  # warm up, then measure a second call
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cuda_peak_extra_bytes(_methods(name, device)[method]) / 2**20
     out = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT, name, method], capture_output=True, text=True, check=True
     )

@@ -1,4 +1,5 @@
-"""Peak resident memory of one call, sampled from /proc while it runs (Linux).
+"""Peak memory of one call: resident memory sampled from /proc while it runs (Linux), or
+the CUDA caching allocator's peak; and the device synchronisation the timers need.
 
 ``ru_maxrss`` is a process-lifetime high-water mark, usually set by the imports, so it cannot
 see a call's own peak; sampling the current RSS every half millisecond can.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+
+import torch
 
 _PAGE = 4096
 
@@ -38,3 +41,21 @@ def peak_extra_bytes(fn: Callable[[], object], interval: float = 0.0005) -> int:
         done.set()
         watcher.join()
     return max(0, max(peak, current_rss()) - start)
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def cuda_peak_extra_bytes(fn: Callable[[], object]) -> int:
+    """How far the CUDA allocator's peak rose above its starting level during a second call of
+    ``fn`` (the first warms up caches and lazy initialisation)."""
+    fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base

@@ -20,6 +20,7 @@ import torch.func as tf
 from torch import Tensor
 
 from .cases import CASES, Example, LossCase, Sampler
+from .rss import sync
 from .transforms import mapped, quiet_call, with_grad
 
 # Per loss family, the options that make a "small" (64 elements per row), a "large" (~1M
@@ -35,27 +36,22 @@ def sizes(case: LossCase) -> Mapping[str, Mapping[str, Any]]:
     return case.sizes if case.sizes else ELEMENTWISE_SIZES
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timer(fn: Callable[[], object], device: torch.device, budget: float = 0.02) -> Callable[[], float]:
     """A function returning seconds per call of ``fn``, repeating it to fill ``budget`` seconds."""
     fn()
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     once = max(time.perf_counter() - start, 1e-7)
     reps = max(1, min(1000, int(budget / once)))
 
     def measure() -> float:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        _sync(device)
+        sync(device)
         return (time.perf_counter() - t0) / reps
 
     return measure
