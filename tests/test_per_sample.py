@@ -371,12 +371,14 @@ def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
 
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv_layers_with_stride_padding_dilation(groups: int) -> None:
-    """Conv2d per-sample gradients via unfold (or, for grouped convs, the vmap fallback)."""
+    """Conv2d per-sample gradients via unfold (or, for grouped convs, the vmap fallback), with
+    stride, padding and dilation; the third layer's stride does not divide its 5 x 5 input."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, bias=False, groups=groups),
         nn.Tanh(),
         nn.Conv2d(4, 2, 2, padding=1),
+        nn.Conv2d(2, 2, 2, stride=2),
         nn.Flatten(),
         nn.LazyLinear(3),
     ).double()
