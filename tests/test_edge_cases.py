@@ -17,7 +17,7 @@ import funcloss as fl
 from funcloss._bench.cases import Sampler
 
 from .harness import quiet_call
-from .registry import ROWS, Row, rows
+from .registry import DEVICES, ROWS, Row, rows
 
 T = torch.tensor
 
@@ -266,26 +266,29 @@ FUSED = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(300, 300), (600, 500)], ids=["one-chunk", "three-chunks"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(("name", "kwargs"), FUSED, ids=[f"{n}-{k}" for n, k in FUSED])
 def test_large_inputs_take_the_fast_path_and_still_match_torch(
-    name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str, shape: tuple[int, int]
+    name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str, shape: tuple[int, int], device: str
 ) -> None:
     """Large eager inputs reduce chunk by chunk through dot products (600 x 500: two full chunks
     and a partial one) and their backward writes in place; values, gradients (input and
     target, with and without create_graph) and second derivatives must still be torch's."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
-    y = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+    x = torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(True)
+    y = torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(True)
     if name.startswith("binary_cross_entropy"):
-        y = torch.rand(*shape, generator=g, dtype=dtype, requires_grad=True)
+        y = torch.rand(*shape, generator=g, dtype=dtype).to(device).requires_grad_(True)
     if name == "binary_cross_entropy":  # probabilities inside (1e-12, 1 - 1e-12): no clamp acts
-        x = (torch.rand(*shape, generator=g, dtype=dtype) * 0.98 + 0.01).requires_grad_(True)
+        x = (torch.rand(*shape, generator=g, dtype=dtype) * 0.98 + 0.01).to(device).requires_grad_(True)
     ours = getattr(fl, name)(x, y, reduction=reduction, **kwargs)
     theirs = getattr(F, name)(x, y, reduction=reduction, **kwargs)
-    assert type(ours.grad_fn).__name__ in ("_DifferenceLossBackward", "_LogitsBCEBackward", "_ProbabilityBCEBackward")
+    fused = {"_DifferenceLossBackward", "_LogitsBCEBackward", "_ProbabilityBCEBackward"}
+    # On accelerators BCE's range is not read back, so its clamped composition runs instead.
+    assert type(ours.grad_fn).__name__ in fused or (name == "binary_cross_entropy" and device != "cpu")
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(ours, theirs, rtol=rtol, atol=0.0)
     for a, b in zip(
