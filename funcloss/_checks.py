@@ -91,5 +91,6 @@ def check_values(ok: Tensor | bool, exc: type[Exception], message: str, *, devic
 
 
 def on_accelerator(t: Tensor) -> bool:
-    """Whether ``t`` lives where reading a value back costs a host synchronisation."""
-    return t.device.type not in ("cpu", "meta")
+    """Whether ``t``'s values are not at hand on the host: reading one back costs a
+    synchronisation (an accelerator) or is impossible (the meta device)."""
+    return t.device.type != "cpu"

@@ -319,3 +319,19 @@ def test_fast_path_with_non_contiguous_inputs(name: str, kwargs: dict[str, float
     torch.testing.assert_close(ours, theirs)
     for a, b in zip(torch.autograd.grad(ours, (x, y)), torch.autograd.grad(theirs, (x, y))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_meta_tensors_give_torchs_shapes(row: Row) -> None:
+    """On the meta device (shape inference, no data) a loss runs wherever torch's runs."""
+    ex = row.case.make(Sampler(0, torch.float32, "cpu"), row.case.defaults())
+    args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in ex.args]
+    kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in ex.kwargs.items()}
+    try:
+        theirs = quiet_call(row.case.theirs, *args, **kwargs)
+    except (NotImplementedError, RuntimeError):
+        return  # torch reads values here too (lengths, variances)
+    ours = quiet_call(row.case.ours, *args, **kwargs)
+    assert ours.device.type == "meta"
+    assert ours.shape == theirs.shape
+    assert ours.dtype == theirs.dtype
