@@ -392,11 +392,22 @@ def _write_per_sample(views: Mapping[str, Tensor], name: str, module: nn.Module,
 
 
 def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample Conv2d weight gradients ``(b, out, in * kh * kw)``: each sample's output
-    gradient ``(out, L)`` times its unfolded input ``(in * kh * kw, L)`` transposed."""
+    """Per-sample Conv2d weight gradients ``(b, out, in * kh * kw)``.
+
+    Sample ``i``'s gradient for weight ``[o, c, u, v]`` is
+    ``sum_{h, w} g[i, o, h, w] a_pad[i, c, h s_h + u d_h, w s_w + v d_w]``: the output gradient
+    contracted with the input's patches. The patches are a strided view of the (padded) input,
+    so the only copy is the one the contraction makes (cheaper than ``unfold``'s here).
+    """
     b = g.size(0)
-    unfolded = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # type: ignore[arg-type]
-    return torch.bmm(g.reshape(b, g.size(1), -1), unfolded.transpose(1, 2))
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    ph, pw = cast(tuple[int, int], module.padding)
+    if ph or pw:
+        a = F.pad(a, (pw, pw, ph, ph))
+    s_b, s_c, s_h, s_w = a.stride()
+    ho, wo = g.shape[2:]
+    patches = a.as_strided((b, a.size(1), ho, wo, kh, kw), (s_b, s_c, s_h * sh, s_w * sw, s_h * dh, s_w * dw))
+    return torch.einsum("bohw,bihwkl->boikl", g, patches).reshape(b, g.size(1), -1)
 
 
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:
