@@ -148,8 +148,9 @@ def per_sample_grads(
             each sample draws its own mask), ``"same"`` or ``"error"``.
         method: ``"auto"``: when every trainable parameter is in an ``nn.Linear``,
             ``nn.Embedding`` or ungrouped ``nn.Conv2d``, from one batched forward and backward
-            (``g_i a_i^T`` per Linear, token rows per Embedding, output gradient times the
-            unfolded input per Conv2d); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
+            (``g_i a_i^T`` per Linear, token rows per Embedding, output gradient contracted
+            with the input's patches per Conv2d); otherwise, and with ``"vmap"``,
+            ``vmap(grad(...))``.
             Both assume, as the definition above does, that the model treats samples
             independently.
         **loss_kwargs: passed to ``loss_fn``.
