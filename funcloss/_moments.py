@@ -56,7 +56,7 @@ class _Moments:
             self.offsets[k] = slice(start, start + p.numel())
             start += p.numel()
         first = next(iter(params.values()))
-        self.acc = torch.zeros(4, start, dtype=torch.float64, device=first.device)
+        self.acc: Tensor | None = None  # float64 totals, from the first chunk on
         self.chunk = torch.empty(4, start, dtype=first.dtype, device=first.device)
         self.norms: list[Tensor] = []
 
@@ -66,7 +66,10 @@ class _Moments:
         return self.chunk[:, self.offsets[name]]
 
     def end_chunk(self) -> None:
-        self.acc.add_(self.chunk)
+        if self.acc is None:
+            self.acc = self.chunk.to(torch.float64, copy=True)
+        else:
+            self.acc.add_(self.chunk)
 
     def add_dense(self, name: str, g: Tensor, norms: Tensor) -> None:
         """Sums of explicit per-sample gradients ``g`` (b, *shape)."""
@@ -109,6 +112,7 @@ class _Moments:
         return stats
 
     def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
+        assert self.acc is not None, "result() before any chunk"
         total, squares, signs, nonzero = self.acc
         dtype = next(iter(params.values())).dtype
         out = torch.empty(4, total.numel(), dtype=dtype, device=total.device)
