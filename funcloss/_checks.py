@@ -9,7 +9,7 @@ either fails (vmap) or breaks the graph (compile).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -69,10 +69,13 @@ def check_same_shape(fn: str, input: Tensor, target: Tensor, *, exc: type[Except
         )
 
 
-def check_values(ok: Tensor | bool, exc: type[Exception], message: str, *, device_assert: bool = False) -> None:
+def check_values(
+    ok: Tensor | bool | Callable[[], Tensor], exc: type[Exception], message: str, *, device_assert: bool = False
+) -> None:
     """Raise ``exc(message)`` if ``ok`` is false; a no-op under transforms and compile.
 
-    ``ok`` is a boolean tensor (all elements must hold) or a Python bool. With
+    ``ok`` is a boolean tensor (all elements must hold), a function returning one (called only
+    in eager mode, so a transform pays nothing for the check), or a Python bool. With
     ``device_assert``, a tensor on an accelerator is checked the way torch's own kernels check
     it there: asynchronously, with no host synchronisation (a failure surfaces as a
     device-side assertion ``RuntimeError`` at a later synchronising call).
@@ -83,6 +86,8 @@ def check_values(ok: Tensor | bool, exc: type[Exception], message: str, *, devic
         return
     if not is_eager():
         return
+    if callable(ok):
+        ok = ok()
     if device_assert and on_accelerator(ok):
         torch._assert_async(ok.all(), message)
         return

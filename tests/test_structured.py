@@ -141,6 +141,28 @@ def test_multilabel_margin_ignores_entries_after_the_first_minus_one() -> None:
     torch.testing.assert_close(fl.multilabel_margin_loss(x, a), F.multilabel_margin_loss(x, a))
 
 
+@pytest.mark.parametrize("classes", [3, 32, 33, 70])
+@pytest.mark.parametrize("device", DEVICES)
+def test_multilabel_margin_both_forms_match_torch(classes: int, device: str) -> None:
+    """Up to 32 classes the pairwise form runs, above it the sorted one: both against torch,
+    values and gradients, with repeated classes, ties at the margin and -1 padding."""
+    g = _g(classes)
+    # Integer-valued scores make exact ties (x_j - x_i == 1) common.
+    x = torch.randint(-3, 4, (9, classes), generator=g).to(D)
+    target = torch.randint(0, classes, (9, classes), generator=g)
+    stop = torch.randint(0, classes + 1, (9,), generator=g)
+    target[torch.arange(classes) >= stop[:, None]] = -1
+    target[0, : min(3, classes)] = target[0, 0]  # a class listed three times
+    target[1] = torch.arange(classes)  # every class a target: nothing to hinge against
+    target[2, 0] = -1  # nothing listed
+    target = target.to(device)
+    x = x.to(device).requires_grad_()
+    ours = fl.multilabel_margin_loss(x, target, reduction="none")
+    theirs = F.multilabel_margin_loss(x, target, reduction="none")
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(*(torch.autograd.grad(v.sum(), x)[0] for v in (ours, theirs)))
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_multi_margin_weight_multiplies_after_the_power(p: int) -> None:
     x = torch.randn(3, 4, generator=_g(), dtype=D)

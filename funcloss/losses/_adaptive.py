@@ -109,7 +109,7 @@ def adaptive_log_softmax_with_loss(
             "adaptive_log_softmax_with_loss(...): expected a 0-D or 1-D target; multi-target is not supported."
         )
     check_values(
-        (target >= 0) & (target < n_classes),
+        lambda: (target >= 0) & (target < n_classes),
         RuntimeError,
         f"adaptive_log_softmax_with_loss(...): target values should be in [0, {n_classes - 1}].",
     )

@@ -155,7 +155,7 @@ def multi_margin_loss(
     # On accelerators the gather below is the range check, a device-side assertion as in torch.
     if not on_accelerator(target):
         check_values(
-            (target >= 0) & (target < classes),
+            lambda: (target >= 0) & (target < classes),
             RuntimeError,
             f"multi_margin_loss(...): expected targets in [0, {classes - 1}], got one out of range. "
             "target out of range.",
@@ -170,6 +170,11 @@ def multi_margin_loss(
     if weight is not None:
         values = values * weight[target]
     return reduce(values, reduction)
+
+
+# Up to this many classes multilabel_margin_loss forms the (S, C) pairwise hinges; above it,
+# the sort-based O(C log C) form (fewer FLOPs and no (N, C, C) float tensor).
+_PAIRWISE_CLASSES = 32
 
 
 def multilabel_margin_loss(
@@ -202,16 +207,26 @@ def multilabel_margin_loss(
             f"got {tuple(target.shape)}. inconsistent target size."
         )
     check_values(
-        (target >= -1) & (target < classes),
+        lambda: (target >= -1) & (target < classes),
         RuntimeError,
         f"multilabel_margin_loss(...): expected targets in [-1, {classes - 1}], got one out of range. "
         "argument #2 'target' is out of range.",
         device_assert=True,
     )
-    listed = torch.cumprod((target != -1).to(torch.int64), dim=-1).bool()  # before the first -1
+    listed = target.cummin(-1).values >= 0  # before the first -1 (targets are >= -1)
     safe = target.clamp_min(0)
-    onehot = (safe.unsqueeze(-1) == torch.arange(classes, device=input.device)) & listed.unsqueeze(-1)
-    is_target = onehot.any(-2)  # (..., C)
+    x_j = input.gather(-1, safe)  # (..., S): the listed targets' scores
+    counts = torch.zeros(input.shape, dtype=torch.int64, device=input.device).scatter_add(-1, safe, listed.long())
+    zero = torch.zeros((), dtype=input.dtype, device=input.device)
+    if classes <= _PAIRWISE_CLASSES:
+        # Few classes: the (S, C) pairwise hinges directly, the fewest kernels. The non-target
+        # mask multiplies (a listed target's NaN reaches its row, as in the sorted form below);
+        # the unlisted slots are dropped with `where`.
+        nontarget = (counts == 0).to(input.dtype)
+        z = torch.relu((input.unsqueeze(-2) - x_j.unsqueeze(-1)) + 1) * nontarget.unsqueeze(-2)
+        terms = torch.where(listed, z.sum(-1), zero)
+        return reduce(terms.sum(-1) / classes, reduction)
+    is_target = counts > 0  # (..., C)
     # For each listed j: sum over non-targets i with x_i > x_j - 1 of (1 - x_j + x_i)
     #   = count_j (1 - x_j) + (sum of those x_i),
     # read off the sorted non-target scores with a suffix sum: O(C log C) per row instead of
@@ -221,11 +236,10 @@ def multilabel_margin_loss(
     keys, order = torch.where(is_target, -far, input).sort(dim=-1)
     values = torch.where(is_target, torch.zeros_like(input), input).gather(-1, order)
     suffix = torch.cat([values.flip(-1).cumsum(-1).flip(-1), torch.zeros_like(values[..., :1])], dim=-1)
-    x_j = input.gather(-1, safe)  # (..., S)
     below = torch.searchsorted(keys.detach().contiguous(), (x_j - 1).detach().contiguous(), right=True)
     count = (classes - below).to(input.dtype)
     above = suffix.gather(-1, below)
-    terms = torch.where(listed, count * (1 - x_j) + above, torch.zeros_like(x_j))
+    terms = torch.where(listed, count * (1 - x_j) + above, zero)
     return reduce(terms.sum(-1) / classes, reduction)
 
 

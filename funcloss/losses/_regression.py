@@ -233,7 +233,7 @@ def _gaussian_var(input: Tensor, var: Tensor | float) -> Tensor:
     if not isinstance(var, Tensor):
         raise TypeError(f"gaussian_nll_loss(...): expected var to be a Tensor or float, got {type(var).__name__}.")
     check_values(
-        var >= 0,
+        lambda: var >= 0,
         ValueError,
         "gaussian_nll_loss(...): expected every var >= 0, got a negative entry. "
         "var has negative entry/entries. Pass a variance (e.g. softplus of a raw output).",
