@@ -79,7 +79,8 @@ class LossCase:
     torch_breaks: frozenset[str] = field(default_factory=frozenset)
     # torch supports float16/bfloat16 for this loss on CPU.
     half: bool = True
-    # Options for the benchmark's "small", "large" and "vmap" inputs (default: elementwise).
+    # Options for the benchmark's "small", "large", "vmap" (64 examples) and "wide" (1024
+    # examples of the same size) inputs (default: elementwise).
     sizes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def defaults(self) -> dict[str, Any]:
@@ -541,6 +542,7 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
         "small": {"shape": (64, 10)},
         "large": {"shape": (4096, 1000)},
         "vmap": {"shape": (64, 10)},
+        "wide": {"shape": (1024, 10)},
     }
     ce_opts = {
         "shape": CLASS_SHAPES,
@@ -597,7 +599,12 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
             _make_multilabel_margin,
             {"shape": [s for s in MATRIX_SHAPES if s[0] != 0], "reduction": red},
             torch_breaks=frozenset({"vmap", "jvp", "hessian"}),
-            sizes={"small": {"shape": (64, 10)}, "large": {"shape": (1024, 100)}, "vmap": {"shape": (64, 10)}},
+            sizes={
+                "small": {"shape": (64, 10)},
+                "large": {"shape": (1024, 100)},
+                "vmap": {"shape": (64, 10)},
+                "wide": {"shape": (1024, 10)},
+            },
         ),
         LossCase(
             "multilabel_soft_margin_loss",
@@ -613,7 +620,12 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
             F.cosine_embedding_loss,
             _make_cosine,
             {"shape": EMBEDDING_SHAPES, "reduction": red, "margin": [0.0, 0.3, -0.2]},
-            sizes={"small": {"shape": (64, 16)}, "large": {"shape": (4096, 256)}, "vmap": {"shape": (64, 16)}},
+            sizes={
+                "small": {"shape": (64, 16)},
+                "large": {"shape": (4096, 256)},
+                "vmap": {"shape": (64, 16)},
+                "wide": {"shape": (1024, 16)},
+            },
         ),
         LossCase(
             "triplet_margin_loss",
@@ -622,7 +634,12 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
             _make_triplet,
             {"shape": EMBEDDING_SHAPES, "reduction": red, "margin": [1.0, 0.3], "p": [2, 1, 3], "swap": [False, True]},
             torch_breaks=frozenset({"vmap"}),
-            sizes={"small": {"shape": (64, 16)}, "large": {"shape": (4096, 256)}, "vmap": {"shape": (64, 16)}},
+            sizes={
+                "small": {"shape": (64, 16)},
+                "large": {"shape": (4096, 256)},
+                "vmap": {"shape": (64, 16)},
+                "wide": {"shape": (1024, 16)},
+            },
         ),
         LossCase(
             "triplet_margin_with_distance_loss",
@@ -636,7 +653,12 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
                 "swap": [False, True],
                 "distance": ["default", "cosine"],
             },
-            sizes={"small": {"shape": (64, 16)}, "large": {"shape": (4096, 256)}, "vmap": {"shape": (64, 16)}},
+            sizes={
+                "small": {"shape": (64, 16)},
+                "large": {"shape": (4096, 256)},
+                "vmap": {"shape": (64, 16)},
+                "wide": {"shape": (1024, 16)},
+            },
         ),
         LossCase(
             "ctc_loss",
@@ -657,7 +679,8 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
             sizes={
                 "small": {"size": (20, 4, 10, 5), "lengths": "full"},
                 "large": {"size": (200, 16, 40, 30), "lengths": "full"},
-                "vmap": {"size": (50, 16, 20, 10), "lengths": "full"},
+                "vmap": {"size": (50, 64, 20, 10), "lengths": "full"},
+                "wide": {"size": (50, 1024, 20, 10), "lengths": "full"},
             },
         ),
         LossCase(
@@ -679,6 +702,7 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
                 "small": {"size": (64, 32, 10)},
                 "large": {"size": (4096, 256, 1000)},
                 "vmap": {"size": (64, 32, 10)},
+                "wide": {"size": (1024, 32, 10)},
             },
         ),
         LossCase(
@@ -688,7 +712,12 @@ def _structured_cases(base: Mapping[str, Sequence[Any]]) -> list[LossCase]:
             _make_adaptive,
             {"size": [(6, 8), (0, 8), (1, 4), (9, 16)]},
             torch_breaks=frozenset({"vmap"}),
-            sizes={"small": {"size": (64, 16)}, "large": {"size": (4096, 256)}, "vmap": {"size": (64, 16)}},
+            sizes={
+                "small": {"size": (64, 16)},
+                "large": {"size": (4096, 256)},
+                "vmap": {"size": (64, 16)},
+                "wide": {"size": (1024, 16)},
+            },
         ),
     ]
 

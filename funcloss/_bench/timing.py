@@ -29,6 +29,7 @@ ELEMENTWISE_SIZES: Mapping[str, Mapping[str, Any]] = {
     "small": {"shape": (64,)},
     "large": {"shape": (1024, 1024)},
     "vmap": {"shape": (64, 64)},
+    "wide": {"shape": (1024, 64)},
 }
 
 
@@ -105,7 +106,10 @@ def run_losses(
     width = max(len(c.name) for c in cases)
     print(f"funcloss bench on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)", file=out)
     print("time of funcloss / time of torch.nn.functional, median of interleaved rounds; < 1 is faster", file=out)
-    header = f"{'loss':<{width}}  {'small':>6}  {'large':>6}  {'vmap':>6}  {'vmap(grad)':>10}  torch under vmap"
+    header = (
+        f"{'loss':<{width}}  {'small':>6}  {'large':>6}  {'vmap':>6}  {'vmap(grad)':>10}"
+        f"  {'wide':>6}  {'wide(grad)':>10}  torch under vmap"
+    )
     print(header, file=out)
     print("-" * len(header), file=out, flush=True)
     large: list[float] = []
@@ -117,17 +121,18 @@ def run_losses(
             cells.append(r)
             if size == "large":
                 large.append(r)
-        ex = case.make(Sampler(0, torch.float32, dev), {**case.defaults(), **sizes(case)["vmap"]})
-        for grad in (False, True):
-            try:
-                cells.append(
-                    ratio(under_vmap(case.ours, ex, grad=grad), under_vmap(case.theirs, ex, grad=grad), dev, rounds)
-                )
-            except Exception:
-                cells.append(None)
+        for size in ("vmap", "wide"):
+            ex = case.make(Sampler(0, torch.float32, dev), {**case.defaults(), **sizes(case)[size]})
+            for grad in (False, True):
+                try:
+                    ours, theirs = under_vmap(case.ours, ex, grad=grad), under_vmap(case.theirs, ex, grad=grad)
+                    cells.append(ratio(ours, theirs, dev, rounds))
+                except Exception:
+                    cells.append(None)
         note = "loops or fails" if "vmap" in case.torch_breaks else "batched"
         print(
-            f"{case.name:<{width}}  {_fmt(cells[0])}  {_fmt(cells[1])}  {_fmt(cells[2])}  {_fmt(cells[3]):>10}  {note}",
+            f"{case.name:<{width}}  {_fmt(cells[0])}  {_fmt(cells[1])}  {_fmt(cells[2])}  {_fmt(cells[3]):>10}"
+            f"  {_fmt(cells[4])}  {_fmt(cells[5]):>10}  {note}",
             file=out,
             flush=True,
         )

@@ -90,8 +90,12 @@ def mse_loss(
 
 
 def _huber_values(d: Tensor, delta: float) -> Tensor:
-    ad = d.abs()
-    return torch.where(ad < delta, 0.5 * d * d, delta * (ad - 0.5 * delta))
+    """``c (d - c / 2)`` with ``c = clamp(d, -delta, delta)``: ``d^2 / 2`` inside the band and
+    ``delta (|d| - delta / 2)`` outside, in three kernels. Inside, ``d - d / 2`` is exact, so
+    the value is ``d^2 / 2`` rounded once; the derivative is ``c`` and the second derivative
+    the band's indicator, as with the two-branch form."""
+    c = d.clamp(-delta, delta)
+    return c * torch.sub(d, c, alpha=0.5)
 
 
 def huber_loss(
@@ -179,8 +183,7 @@ def smooth_l1_loss(
     d = x - y
     if beta == 0.0:
         return reduce(d.abs(), reduction)
-    ad = d.abs()
-    return reduce(torch.where(ad < beta, 0.5 * d * d / beta, ad - 0.5 * beta), reduction)
+    return reduce(_huber_values(d, beta) / beta, reduction)
 
 
 def poisson_nll_loss(
