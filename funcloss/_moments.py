@@ -40,12 +40,13 @@ from .losses import _regression as fl_reg
 
 
 class _Moments:
-    """Running float64 sums over samples, for every parameter element at once.
+    """Running sums over samples, for every parameter element at once.
 
     One ``(4, P)`` buffer holds, per element: the sum, the sum of squares, the sum of signs and
     the number of non-zeros; each parameter is a slice of it. Each chunk's layers write their
-    sums (in the data's dtype) into a ``(4, P)`` chunk buffer, which is added to the float64
-    totals once per chunk; the result is computed once over the flat buffer.
+    sums (in the data's dtype) into a ``(4, P)`` chunk buffer. A single chunk's buffer is the
+    result's storage (its sums are already in the data's precision); from the second chunk on
+    the sums are kept in float64. The result is computed in place over the flat buffer.
     """
 
     def __init__(self, params: Mapping[str, Tensor]) -> None:
@@ -56,20 +57,28 @@ class _Moments:
             self.offsets[k] = slice(start, start + p.numel())
             start += p.numel()
         first = next(iter(params.values()))
-        self.acc: Tensor | None = None  # float64 totals, from the first chunk on
-        self.chunk = torch.empty(4, start, dtype=first.dtype, device=first.device)
+        self.size, self.dtype, self.device = start, first.dtype, first.device
+        self.first: Tensor | None = None  # the first chunk's sums, until a second chunk comes
+        self.acc: Tensor | None = None  # float64 totals, from the second chunk on
+        self.chunk: Tensor | None = None
         self.norms: list[Tensor] = []
 
     def slot(self, name: str) -> Tensor:
         """The ``(4, numel)`` slice of this chunk's buffer that belongs to ``name``; every
         parameter's slot is written once per chunk."""
+        if self.chunk is None:
+            self.chunk = torch.empty(4, self.size, dtype=self.dtype, device=self.device)
         return self.chunk[:, self.offsets[name]]
 
     def end_chunk(self) -> None:
-        if self.acc is None:
-            self.acc = self.chunk.to(torch.float64, copy=True)
-        else:
+        assert self.chunk is not None, "end_chunk() before any slot was written"
+        if self.acc is not None:
             self.acc.add_(self.chunk)
+        elif self.first is None:
+            self.first, self.chunk = self.chunk, None  # the next chunk takes a new buffer
+        else:
+            self.acc = self.first.to(torch.float64).add_(self.chunk)
+            self.first = None
 
     def add_dense(self, name: str, g: Tensor, norms: Tensor) -> None:
         """Sums of explicit per-sample gradients ``g`` (b, *shape)."""
@@ -112,18 +121,18 @@ class _Moments:
         return stats
 
     def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
-        assert self.acc is not None, "result() before any chunk"
-        total, squares, signs, nonzero = self.acc
-        dtype = next(iter(params.values())).dtype
-        out = torch.empty(4, total.numel(), dtype=dtype, device=total.device)
-        mean = total / count
-        out[0].copy_(mean)
+        stats = self.acc if self.acc is not None else self.first
+        assert stats is not None, "result() before any chunk"
+        total, squares, _, nonzero = stats.unbind(0)  # owned here: computed in place
+        sum_sq_norm = torch.dot(total, total)
         if count > 1:
-            out[1].copy_((squares - total * mean).clamp_min_(0).div_(count - 1))
+            squares.addcmul_(total, total, value=-1.0 / count).clamp_min_(0).div_(count - 1)
         else:
-            out[1].fill_(float("nan"))
-        out[2].copy_(signs)
-        out[3].copy_(nonzero).neg_().add_(count)
+            squares.fill_(float("nan"))
+        total.div_(count)
+        nonzero.neg_().add_(count)  # now the number of exact zeros
+        out = stats.to(self.dtype)
+        norms = self.norms[0] if len(self.norms) == 1 else torch.cat(self.norms)
 
         blocks = {k: out[:, sl].view(4, *self.shapes[k]).unbind(0) for k, sl in self.offsets.items()}
         return GradStats(
@@ -132,8 +141,8 @@ class _Moments:
             variance={k: v[1] for k, v in blocks.items()},
             sign_sum={k: v[2] for k, v in blocks.items()},
             zeros={k: v[3] for k, v in blocks.items()},
-            sq_norms=torch.cat(self.norms).to(dtype),
-            sum_sq_norm=torch.dot(total, total).to(dtype),
+            sq_norms=norms.to(self.dtype),
+            sum_sq_norm=sum_sq_norm.to(self.dtype),
         )
 
 
