@@ -112,13 +112,20 @@ class _Moments:
 
     def add_rows(self, name: str, rows: Tensor, per_row: Tensor) -> Tensor:
         """Sums of per-(sample, row) gradients ``per_row`` (pairs, D) that touch rows ``rows``
-        of a ``(V, D)`` parameter (an embedding). Returns their powers ``(4, pairs, D)``."""
-        slot = self.slot(name)
+        of a ``(V, D)`` parameter (an embedding). Returns the per-pair squared norms ``(pairs,)``.
+
+        The powers go one after another through a single scratch buffer: fresh memory is
+        what costs most here (its pages fault in), not the arithmetic."""
+        slot = self.slot(name).view(4, *self.shapes[name])
         slot.zero_()
-        stats = _powers(per_row.to(slot.dtype))
-        for target, source in zip(slot.view(4, *self.shapes[name]), stats):
-            target.index_add_(0, rows, source)
-        return stats
+        per_row = per_row.to(slot.dtype)
+        slot[0].index_add_(0, rows, per_row)
+        scratch = torch.mul(per_row, per_row)
+        slot[1].index_add_(0, rows, scratch)
+        sq_norms = scratch.sum(1)
+        slot[2].index_add_(0, rows, torch.sign(per_row, out=scratch))
+        slot[3].index_add_(0, rows, scratch.abs_())
+        return sq_norms
 
     def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
         stats = self.acc if self.acc is not None else self.first
@@ -442,8 +449,8 @@ def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, nor
         token, sample = pairs % vocab, pairs // vocab
         if module.padding_idx is not None:
             per_pair = per_pair * (token != module.padding_idx).unsqueeze(1)
-        stats = acc.add_rows(_key(name, "weight"), token, per_pair)
-        norms.index_add_(0, sample, stats[1].sum(1).to(norms.dtype))
+        sq_norms = acc.add_rows(_key(name, "weight"), token, per_pair)
+        norms.index_add_(0, sample, sq_norms.to(norms.dtype))
         return
     bias = cast(Tensor | None, module.bias)
     if a.dim() == 2:
