@@ -84,8 +84,8 @@ def test_bce_at_zero_and_one_costs_exactly_100() -> None:
 
 def test_bce_gradient_at_the_ends_pushes_like_torch() -> None:
     """torch caps the gradient's denominator p(1-p) at 1e-12 instead of returning 0 or NaN."""
-    x = T([0.0, 1.0, 1e-14, 0.5], dtype=torch.float64)
-    y = T([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    x = T([0.0, 1.0, 1e-14, 0.5, 1e-12, 1e-12], dtype=torch.float64)  # 1e-12: the cap's edge
+    y = T([1.0, 0.0, 1.0, 1.0, 1.0, 0.3], dtype=torch.float64)
     ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(x)
     xt = x.clone().requires_grad_(True)
     (theirs,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)

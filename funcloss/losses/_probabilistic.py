@@ -23,14 +23,15 @@ def _bce_log(p: Tensor) -> Tensor:
     """``max(log p, -100)`` whose derivative is capped at ``1 / 1e-12`` near ``p = 0``.
 
     A plain clamp would give a zero (or NaN) gradient at ``p = 0``; torch's backward instead
-    pushes with ``1 / 1e-12``. Below ``1e-12`` the value is taken without gradient and a linear
-    term of slope ``1e-12 ** -1`` (zero-valued) carries it.
+    pushes with ``1 / 1e-12``. The value is taken without gradient; a zero-valued term
+    ``f(p) - f(p).detach()`` carries the derivative, with
+    ``f(p) = log(max(p, 1e-12)) + min(p, 1e-12) / 1e-12``: ``1 / p`` above ``1e-12`` (second
+    derivative ``-1 / p^2``), ``1 / 1e-12`` below it (second derivative 0).
     """
-    tiny = p < _GRAD_FLOOR
-    interior = torch.log(torch.where(tiny, torch.ones_like(p), p))
-    p0 = p.detach()
-    edge = torch.log(p0).clamp_min(_LOG_FLOOR) + (p - p0) / _GRAD_FLOOR
-    return torch.where(tiny, edge, interior)
+    value = torch.log(p.detach()).clamp_min(_LOG_FLOOR)
+    # threshold's derivative is 0 at p == 1e-12 exactly, so there only the min term counts.
+    f = torch.add(torch.log(F.threshold(p, _GRAD_FLOOR, _GRAD_FLOOR)), p.clamp_max(_GRAD_FLOOR), alpha=1 / _GRAD_FLOOR)
+    return (f - f.detach()) + value
 
 
 def binary_cross_entropy(
@@ -83,9 +84,11 @@ def binary_cross_entropy(
     if interior:
         # No probability within 1e-12 of 0 or 1: torch's clamps cannot act, plain logs are exact.
         log_p, log_q = torch.log(input), torch.log1p(-input)
-        values = -(log_q + target * (log_p - log_q))
+        values = -torch.lerp(log_q, log_p, target)
     else:
-        values = -(target * _bce_log(input) + (1 - target) * _bce_log(1 - input))
+        # Both logs in one pass over [p, 1 - p]; y log p + (1 - y) log q = lerp(log q, log p, y).
+        logs = _bce_log(torch.stack([input, 1 - input]))
+        values = -torch.lerp(logs[1], logs[0], target)
     if weight is not None:
         values = values * weight
     return reduce(values, reduction)
