@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 import torch.func as tf
 import torch.nn.functional as F
 
 import funcloss as fl
+import funcloss.nn as fnn
 
 from .registry import DEVICES
 
@@ -333,6 +336,71 @@ def test_linear_cross_entropy_chunks_agree_and_differentiate_the_bias(chunk: int
     torch.testing.assert_close(ours, theirs)
     for g, h in zip(torch.autograd.grad(ours, (x, w, b)), torch.autograd.grad(theirs, (x, w, b))):
         torch.testing.assert_close(g, h)
+
+
+LCE_OPTIONS = [
+    torch.nn.LinearCrossEntropyOptions(),
+    torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3),
+    torch.nn.LinearCrossEntropyOptions(batch_chunk_size=100),
+    torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio"),
+    torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio:4"),
+    torch.nn.LinearCrossEntropyOptions(chunking_method=None),
+]
+
+
+def _record_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows per chunk each chunked linear cross-entropy call uses."""
+    from funcloss.losses import _classification
+
+    seen: list[int] = []
+    forward = _classification._ChunkedLinearCE.forward
+
+    def spy(*args: Any) -> Any:
+        seen.append(args[5])
+        return forward(*args)
+
+    monkeypatch.setattr(_classification._ChunkedLinearCE, "forward", staticmethod(spy))
+    return seen
+
+
+@pytest.mark.parametrize("options", LCE_OPTIONS, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_takes_torch_options(
+    options: torch.nn.LinearCrossEntropyOptions, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``options`` is accepted as torch's function accepts it, and picks the same rows per
+    chunk as torch's own resolution of it (its ``_adjust``, used here only as the oracle)."""
+    seen = _record_chunks(monkeypatch)
+    x = torch.randn(37, 6, generator=_g(), dtype=D).to(dtype).requires_grad_()
+    w = torch.randn(50, 6, generator=_g(1), dtype=D).to(dtype).requires_grad_()
+    y = torch.randint(0, 50, (37,), generator=_g(2))
+    ours = fl.linear_cross_entropy(x, w, y, options=options)
+    theirs = F.linear_cross_entropy(x, w, y, options=options)
+    expected = options._adjust(  # type: ignore[no-untyped-call]
+        num_batches=37, in_features=6, num_classes=50, dtype=dtype, device=x.device
+    )
+    assert seen == [expected.batch_chunk_size]
+    tol = 2e-2 if dtype == torch.bfloat16 else None
+    torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol)
+    for g, h in zip(torch.autograd.grad(ours, (x, w)), torch.autograd.grad(theirs, (x, w))):
+        torch.testing.assert_close(g, h, rtol=tol, atol=tol)
+
+
+def test_linear_cross_entropy_options_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w, y = torch.randn(8, 4), torch.randn(20, 4), torch.randint(0, 20, (8,))
+    with pytest.raises(ValueError, match="chunk_size or options, got both"):
+        fl.linear_cross_entropy(x, w, y, chunk_size=2, options=torch.nn.LinearCrossEntropyOptions())
+    clash = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3, chunking_method="aspect_ratio")
+    with pytest.raises(ValueError, match="different chunk sizes"):
+        F.linear_cross_entropy(x, w, y, options=clash)
+    with pytest.raises(ValueError, match="different chunk sizes"):
+        fl.linear_cross_entropy(x, w, y, options=clash)
+    with pytest.raises(ValueError, match="chunk_size >= 1"):
+        fl.linear_cross_entropy(x, w, y, chunk_size=0)
+    seen = _record_chunks(monkeypatch)
+    criterion = fnn.LinearCrossEntropyLoss(4, 20, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3))
+    criterion(x, y)
+    assert seen == [3]
 
 
 def test_linear_cross_entropy_double_backward_in_eager() -> None:

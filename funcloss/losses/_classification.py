@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn import LinearCrossEntropyOptions
 
 from .._checks import check_reduction, is_eager, on_accelerator
 from .._combinators import reduce
@@ -350,6 +351,47 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return g_input, g_weight, g_bias, None, None, None, None
 
 
+def _rows_per_chunk(
+    options: LinearCrossEntropyOptions | None, chunk_size: int | None, input: Tensor, classes: int
+) -> int:
+    """Rows per chunk: ``chunk_size``; or what ``options`` gives in torch (its documented
+    ``batch_chunk_size`` / ``chunking_method`` rules); or enough rows for about 32M logits."""
+    rows, features = input.shape
+    if options is not None and chunk_size is not None:
+        raise ValueError(
+            f"linear_cross_entropy(...): expected chunk_size or options, got both (chunk_size={chunk_size}, "
+            f"options={options}). Pass one."
+        )
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"linear_cross_entropy(...): expected chunk_size >= 1, got {chunk_size}.")
+        return chunk_size
+    if options is None:
+        return max(1, (1 << 25) // max(classes, 1))
+    method = options.chunking_method
+    if method == "auto":
+        # torch's per-(device, dtype) picks: CPU half precision "aspect_ratio", else "aspect_ratio:2".
+        half = input.dtype in (torch.float16, torch.bfloat16)
+        method = (
+            None
+            if options.batch_chunk_size is not None
+            else ("aspect_ratio" if input.device.type == "cpu" and half else "aspect_ratio:2")
+        )
+    if method is None:
+        return max(1, min(options.batch_chunk_size or rows, rows))
+    _, _, factor = method.partition(":")
+    per_row = -(-classes // max(features, 1))  # logits per row over inputs per row, rounded up
+    target = max(1, -(-rows // per_row))
+    size = max(1, min((1 << (target - 1).bit_length()) // int(factor or 1), rows))
+    if options.batch_chunk_size is not None and options.batch_chunk_size != size:
+        raise ValueError(
+            f"linear_cross_entropy(...): options.batch_chunk_size ({options.batch_chunk_size}) and "
+            f"chunking_method {method!r} give different chunk sizes ({options.batch_chunk_size} vs {size}). "
+            "Pass only one."
+        )
+    return size
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -360,6 +402,7 @@ def linear_cross_entropy(
     reduction: Reduction = "mean",
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
+    options: LinearCrossEntropyOptions | None = None,
     chunk_size: int | None = None,
 ) -> Tensor:
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
@@ -381,7 +424,14 @@ def linear_cross_entropy(
         linear_bias: ``(C,)`` or ``(C, *out_features)``.
         weight, reduction, ignore_index, label_smoothing: as in `cross_entropy`
             (``ignore_index=None`` means -100, and is an error with probabilities).
+        options: a ``torch.nn.LinearCrossEntropyOptions``. Its ``batch_chunk_size`` and
+            ``chunking_method`` pick the rows per chunk as in torch (``"auto"`` as torch picks
+            for the input's device and dtype). ``acc_policy``, ``acc_dtype`` and
+            ``allow_retain_graph`` do not apply: chunks are computed in the input's dtype, and
+            the backward recomputes them, so ``retain_graph`` and double backward always work.
+            Unlike torch, funcloss also chunks without ``options``.
         chunk_size: rows per chunk (default: enough rows for about 32M logits, at least 1).
+            Give this or ``options``, not both.
 
     See also: ``torch.nn.functional.linear_cross_entropy``.
     """
@@ -437,7 +487,7 @@ def linear_cross_entropy(
     _check_in_range(target, classes, index)
     keep = target != index
     safe = torch.where(keep, target, 0)
-    chunk = chunk_size if chunk_size is not None else max(1, (1 << 25) // max(classes, 1))
+    chunk = _rows_per_chunk(options, chunk_size, input, classes)
     nll, smooth, _ = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
         input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0
     )

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn import LinearCrossEntropyOptions
 
 from .. import _checks
 from .._typing import KLDivReduction, Reduction
@@ -485,8 +486,8 @@ class LinearCrossEntropyLoss(_WeightedLoss):
     """Criterion for `funcloss.linear_cross_entropy`: a ``linear`` layer's parameters plus the loss.
 
     Same parameters (``linear.weight``, ``linear.bias``), initialisation and state-dict keys as
-    ``torch.nn.LinearCrossEntropyLoss``. ``options.batch_chunk_size``, if given, becomes the
-    chunk size; funcloss always computes in chunks in eager mode (see `linear_cross_entropy`).
+    ``torch.nn.LinearCrossEntropyLoss``. ``options`` picks the rows per chunk as in torch;
+    funcloss computes in chunks in eager mode with or without it (see `linear_cross_entropy`).
     """
 
     def __init__(
@@ -502,7 +503,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         weight: Tensor | None = None,
         ignore_index: int | None = None,
         label_smoothing: float = 0.0,
-        options: Any = None,
+        options: LinearCrossEntropyOptions | None = None,
     ) -> None:
         if weight is not None and weight.shape != (num_classes,):
             raise RuntimeError(
@@ -534,7 +535,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
-            chunk_size=getattr(self.options, "batch_chunk_size", None),
+            options=self.options,
         )
 
     def extra_repr(self) -> str:
