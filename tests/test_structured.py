@@ -356,7 +356,7 @@ def _record_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     forward = _classification._ChunkedLinearCE.forward
 
     def spy(*args: Any) -> Any:
-        seen.append(args[5])
+        seen.append(args[6])  # forward(ctx, input, weight, bias, target, class_weight, chunk, ...)
         return forward(*args)
 
     monkeypatch.setattr(_classification._ChunkedLinearCE, "forward", staticmethod(spy))

@@ -281,6 +281,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(
+        ctx: Any,
         input: Tensor,
         linear_weight: Tensor,
         linear_bias: Tensor | None,
@@ -289,6 +290,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
         chunk: int,
         smoothing: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # Eager mode only: the classic form, whose ``apply`` skips setup_context's per-call
+        # signature binding.
         n = input.size(0)
         nll = input.new_empty(n)
         smooth = input.new_zeros(n)
@@ -303,16 +306,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if smoothing:
                 dot = logits.sum(-1) if class_weight is None else logits @ class_weight
                 smooth[rows] = row_lse * w_sum - dot
-        return nll, smooth, lse
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        input, linear_weight, linear_bias, target, class_weight, chunk, smoothing = inputs
-        lse = output[2]
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse)
         ctx.chunk = chunk
         ctx.smoothing = smoothing
+        return nll, smooth, lse
 
     @staticmethod
     def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor, g_lse: Tensor) -> tuple[Tensor | None, ...]:
