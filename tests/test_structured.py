@@ -35,6 +35,22 @@ def test_weighted_mean_is_not_none_then_mean() -> None:
     torch.testing.assert_close(ours, F.cross_entropy(x, y, w))
 
 
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_inputs_pick_through_the_flat_view(fn: str, device: str) -> None:
+    """From 2^16 elements on the CPU picks targets from the flat view (index_select); smaller
+    inputs gather. Both against torch, with and without an ignored target."""
+    from funcloss.losses._classification import _FLAT_PICK
+
+    rows, classes = _FLAT_PICK // 50 + 3, 50
+    x = torch.randn(rows, classes, generator=_g(), dtype=D).log_softmax(1).to(device).requires_grad_()
+    y = torch.randint(0, classes, (rows,), generator=_g(1)).to(device)
+    for target in (y, torch.where(torch.arange(rows, device=device) % 7 == 0, -100, y)):
+        ours, theirs = getattr(fl, fn)(x, target), getattr(F, fn)(x, target)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+
+
 def test_batch_of_one_weights_cancel() -> None:
     x, y = torch.randn(1, 4, generator=_g(), dtype=D), torch.tensor([2])
     w = torch.tensor([1.0, 2.0, 7.0, 3.0], dtype=D)

@@ -70,14 +70,19 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
     return False
 
 
+# From this many elements on, `_pick` indexes the flat view on the CPU.
+_FLAT_PICK = 1 << 16
+
+
 def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
     """``logp[..., target, ...]`` along the class dim. On accelerators the gather's own bounds
     check is the (asynchronous) range check."""
-    if logp.dim() == 2 and logp.is_contiguous() and not on_accelerator(logp):
-        # (N, C): pick from the flat view; index_select's backward (an index_add into a flat
-        # buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
+    if logp.dim() == 2 and logp.numel() >= _FLAT_PICK and logp.is_contiguous() and not on_accelerator(logp):
+        # Large (N, C): pick from the flat view; index_select's backward (an index_add into a
+        # flat buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
+        # Small inputs take the gather: one kernel instead of four.
         rows, classes = logp.shape
-        flat = torch.arange(rows, device=logp.device) * classes + target
+        flat = torch.arange(0, rows * classes, classes, device=logp.device) + target
         return logp.reshape(-1).index_select(0, flat)
     return logp.gather(class_dim, target.unsqueeze(class_dim)).squeeze(class_dim)
 
