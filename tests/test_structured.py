@@ -354,14 +354,18 @@ def test_linear_cross_entropy_chunks_agree_and_differentiate_the_bias(chunk: int
         torch.testing.assert_close(g, h)
 
 
-LCE_OPTIONS = [
-    torch.nn.LinearCrossEntropyOptions(),
-    torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3),
-    torch.nn.LinearCrossEntropyOptions(batch_chunk_size=100),
-    torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio"),
-    torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio:4"),
-    torch.nn.LinearCrossEntropyOptions(chunking_method=None),
+# Keyword arguments of torch.nn.LinearCrossEntropyOptions (torch >= 2.13).
+LCE_OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"batch_chunk_size": 3},
+    {"batch_chunk_size": 100},
+    {"chunking_method": "aspect_ratio"},
+    {"chunking_method": "aspect_ratio:4"},
+    {"chunking_method": None},
 ]
+needs_lce_options = pytest.mark.skipif(
+    not hasattr(torch.nn, "LinearCrossEntropyOptions"), reason="torch < 2.13 has no LinearCrossEntropyOptions"
+)
 
 
 def _record_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -379,13 +383,15 @@ def _record_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("options", LCE_OPTIONS, ids=repr)
+@needs_lce_options
+@pytest.mark.parametrize("option_kwargs", LCE_OPTIONS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_cross_entropy_takes_torch_options(
-    options: torch.nn.LinearCrossEntropyOptions, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    option_kwargs: dict[str, Any], dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``options`` is accepted as torch's function accepts it, and picks the same rows per
     chunk as torch's own resolution of it (its ``_adjust``, used here only as the oracle)."""
+    options = torch.nn.LinearCrossEntropyOptions(**option_kwargs)
     seen = _record_chunks(monkeypatch)
     x = torch.randn(37, 6, generator=_g(), dtype=D).to(dtype).requires_grad_()
     w = torch.randn(50, 6, generator=_g(1), dtype=D).to(dtype).requires_grad_()
@@ -402,6 +408,7 @@ def test_linear_cross_entropy_takes_torch_options(
         torch.testing.assert_close(g, h, rtol=tol, atol=tol)
 
 
+@needs_lce_options
 def test_linear_cross_entropy_options_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     x, w, y = torch.randn(8, 4), torch.randn(20, 4), torch.randint(0, 20, (8,))
     with pytest.raises(ValueError, match="chunk_size or options, got both"):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.nn import LinearCrossEntropyOptions
+
+if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch still imports
+    from torch.nn import LinearCrossEntropyOptions
 
 from .._checks import check_reduction, is_eager, on_accelerator
 from .._combinators import reduce

@@ -10,11 +10,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.nn import LinearCrossEntropyOptions
+
+if TYPE_CHECKING:  # torch >= 2.13
+    from torch.nn import LinearCrossEntropyOptions
 
 from .. import _checks
 from .._typing import KLDivReduction, Reduction
