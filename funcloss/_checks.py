@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -92,6 +93,33 @@ def check_values(
         torch._assert_async(ok.all(), message)
         return
     if not bool(ok.all()):
+        raise exc(message)
+
+
+def check_range(
+    t: Tensor,
+    low: float,
+    high: float,
+    exc: type[Exception],
+    message: str,
+    *,
+    on_device: Literal["read", "assert", "skip"] = "read",
+) -> None:
+    """Raise ``exc(message)`` unless every element of ``t`` lies in ``[low, high]`` (NaN fails);
+    a no-op under transforms and compile, and on the meta device.
+
+    On the CPU: one ``aminmax`` pass. On an accelerator, as torch checks the same input there:
+    ``"read"`` reads the range back (a host synchronisation), ``"assert"`` makes an
+    asynchronous device-side assertion, ``"skip"`` leaves it to a later op's own bounds check.
+    """
+    if not is_eager() or t.numel() == 0 or t.device.type == "meta":
+        return
+    if on_accelerator(t) and on_device != "read":
+        if on_device == "assert":
+            torch._assert_async(((t >= low) & (t <= high)).all(), message)
+        return
+    lo, hi = torch.stack(list(torch.aminmax(t))).tolist()
+    if not (lo >= low and hi <= high):
         raise exc(message)
 
 

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .._checks import check_values, is_eager
+from .._checks import check_range, is_eager
 
 
 class ASMOutput(NamedTuple):
@@ -108,8 +108,10 @@ def adaptive_log_softmax_with_loss(
         raise RuntimeError(
             "adaptive_log_softmax_with_loss(...): expected a 0-D or 1-D target; multi-target is not supported."
         )
-    check_values(
-        lambda: (target >= 0) & (target < n_classes),
+    check_range(
+        target,
+        0,
+        n_classes - 1,
         RuntimeError,
         f"adaptive_log_softmax_with_loss(...): target values should be in [0, {n_classes - 1}].",
     )

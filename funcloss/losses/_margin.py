@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import broadcast_shape, check_reduction, check_values, on_accelerator
+from .._checks import broadcast_shape, check_range, check_reduction
 from .._combinators import reduce
 from .._typing import Reduction
 
@@ -153,13 +153,14 @@ def multi_margin_loss(
             f"multi_margin_loss(...): expected target of shape {tuple(expected_target)}, got {tuple(target.shape)}."
         )
     # On accelerators the gather below is the range check, a device-side assertion as in torch.
-    if not on_accelerator(target):
-        check_values(
-            lambda: (target >= 0) & (target < classes),
-            RuntimeError,
-            f"multi_margin_loss(...): expected targets in [0, {classes - 1}], got one out of range. "
-            "target out of range.",
-        )
+    check_range(
+        target,
+        0,
+        classes - 1,
+        RuntimeError,
+        f"multi_margin_loss(...): expected targets in [0, {classes - 1}], got one out of range. target out of range.",
+        on_device="skip",
+    )
     # z over every class, the target's own included: there (x_y - x_y) + margin is exactly
     # margin, and its derivative exactly 0, so its term relu(margin)^p is subtracted instead of
     # masked (fewer kernels, which is what vmap pays for).
@@ -206,12 +207,14 @@ def multilabel_margin_loss(
             f"multilabel_margin_loss(...): expected target of the input's shape {tuple(input.shape)}, "
             f"got {tuple(target.shape)}. inconsistent target size."
         )
-    check_values(
-        lambda: (target >= -1) & (target < classes),
+    check_range(
+        target,
+        -1,
+        classes - 1,
         RuntimeError,
         f"multilabel_margin_loss(...): expected targets in [-1, {classes - 1}], got one out of range. "
         "argument #2 'target' is out of range.",
-        device_assert=True,
+        on_device="assert",
     )
     listed = target.cummin(-1).values >= 0  # before the first -1 (targets are >= -1)
     safe = target.clamp_min(0)
