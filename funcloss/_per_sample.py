@@ -223,6 +223,10 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
+# grad_stats' default chunk: about this many per-sample gradient elements at a time.
+_CHUNK_ELEMENTS = 1 << 24
+
+
 def grad_stats(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -248,8 +252,9 @@ def grad_stats(
 
     Args:
         model, loss_fn, inputs, targets, randomness, **loss_kwargs: as in `per_sample_grads`.
-        chunk_size: samples per chunk (default 64): peak extra memory is about
-            ``chunk_size x P`` floats.
+        chunk_size: samples per chunk. Peak extra memory is about ``chunk_size x P`` floats;
+            the default takes as many samples as keep that near ``2**24`` (64 MiB in
+            float32), at least 1, so a small model's batch is one chunk.
         groups: ``(B,)`` integer labels (environments, domains, classes): the statistics are
             then over the groups' mean gradients, one "sample" per group, as the AND-mask
             of Parascandolo et al. uses per-environment gradients. Memory ``G x P``.
@@ -269,10 +274,10 @@ def grad_stats(
     n = inputs.size(0)
     if n == 0:
         raise ValueError("grad_stats(...): expected at least one sample, got an empty batch.")
-    size = chunk_size or 64
+    params = _trainable(model)
+    size = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // sum(p.numel() for p in params.values()))
     if size < 1:
         raise ValueError(f"grad_stats(...): expected chunk_size >= 1, got {chunk_size}.")
-    params = _trainable(model)
     if groups is not None and (groups.shape != (n,) or groups.is_floating_point()):
         raise ValueError(
             f"grad_stats(...): expected integer groups of shape ({n},), got {groups.dtype} {tuple(groups.shape)}."

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from typing import Literal
 
 import pytest
 import torch
@@ -104,6 +105,31 @@ def test_grad_stats_match_their_definitions(kind: str, chunk: int) -> None:
         torch.testing.assert_close(s.gsnr[name], v.mean(0) ** 2 / v.var(0), equal_nan=True)
     torch.testing.assert_close(s.sq_norms, (flat**2).sum(1))
     torch.testing.assert_close(s.coherence, flat.sum(0).pow(2).sum() / (flat**2).sum())
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_grad_stats_default_chunk_keeps_about_2_24_gradient_elements(
+    method: Literal["auto", "vmap"], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default chunk is the budget over P samples (at least 1), and an explicit
+    chunk_size must be at least 1."""
+    from funcloss import _per_sample
+
+    model, x, y = _setup("mlp")
+    n, params = len(x), sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(_per_sample, "_CHUNK_ELEMENTS", 3 * params + 1)  # 3 samples per chunk
+    chunked = fl.grad_stats(model, fl.cross_entropy, x, y, progress=True, method=method)
+    ends = [int(m.split("/")[0]) for m in capsys.readouterr().err.split("grad_stats: ")[1:]]
+    assert ends == [*range(3, n, 3), n]
+    whole = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=n, method=method)
+    for name in whole.mean:
+        torch.testing.assert_close(chunked.mean[name], whole.mean[name])
+        torch.testing.assert_close(chunked.variance[name], whole.variance[name])
+    monkeypatch.setattr(_per_sample, "_CHUNK_ELEMENTS", 1)  # fewer than P: one sample per chunk
+    fl.grad_stats(model, fl.cross_entropy, x[:2], y[:2], progress=True, method=method)
+    assert [int(m.split("/")[0]) for m in capsys.readouterr().err.split("grad_stats: ")[1:]] == [1, 2]
+    with pytest.raises(ValueError, match="chunk_size >= 1"):
+        fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=0)
 
 
 def test_grad_stats_over_groups_use_group_means() -> None:
