@@ -223,7 +223,7 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-# grad_stats' default chunk: about this many per-sample gradient elements at a time.
+# grad_stats' default chunk: about this many per-sample gradient (and activation) elements.
 _CHUNK_ELEMENTS = 1 << 24
 
 
@@ -252,9 +252,10 @@ def grad_stats(
 
     Args:
         model, loss_fn, inputs, targets, randomness, **loss_kwargs: as in `per_sample_grads`.
-        chunk_size: samples per chunk. Peak extra memory is about ``chunk_size x P`` floats;
-            the default takes as many samples as keep that near ``2**24`` (64 MiB in
-            float32), at least 1, so a small model's batch is one chunk.
+        chunk_size: samples per chunk. Peak extra memory is about ``chunk_size x P`` floats
+            plus that chunk's activations. The default takes as many samples as keep
+            ``chunk_size x (P + 16 x sample size)`` near ``2**24`` (64 MiB in float32), at
+            least 1, so a small model's batch is one chunk.
         groups: ``(B,)`` integer labels (environments, domains, classes): the statistics are
             then over the groups' mean gradients, one "sample" per group, as the AND-mask
             of Parascandolo et al. uses per-environment gradients. Memory ``G x P``.
@@ -275,7 +276,12 @@ def grad_stats(
     if n == 0:
         raise ValueError("grad_stats(...): expected at least one sample, got an empty batch.")
     params = _trainable(model)
-    size = chunk_size if chunk_size is not None else max(1, _CHUNK_ELEMENTS // sum(p.numel() for p in params.values()))
+    if chunk_size is None:
+        # Per sample: P gradient elements, and activations taken as 16 times the input.
+        per_sample = sum(p.numel() for p in params.values()) + 16 * inputs[0].numel()
+        size = max(1, _CHUNK_ELEMENTS // per_sample)
+    else:
+        size = chunk_size
     if size < 1:
         raise ValueError(f"grad_stats(...): expected chunk_size >= 1, got {chunk_size}.")
     if groups is not None and (groups.shape != (n,) or groups.is_floating_point()):

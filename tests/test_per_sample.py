@@ -108,16 +108,16 @@ def test_grad_stats_match_their_definitions(kind: str, chunk: int) -> None:
 
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])
-def test_grad_stats_default_chunk_keeps_about_2_24_gradient_elements(
+def test_grad_stats_default_chunk_follows_the_memory_budget(
     method: Literal["auto", "vmap"], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The default chunk is the budget over P samples (at least 1), and an explicit
-    chunk_size must be at least 1."""
+    """The default chunk is the budget over (P + 16 x sample size) samples, at least 1; an
+    explicit chunk_size must be at least 1."""
     from funcloss import _per_sample
 
     model, x, y = _setup("mlp")
-    n, params = len(x), sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(_per_sample, "_CHUNK_ELEMENTS", 3 * params + 1)  # 3 samples per chunk
+    n, per_sample = len(x), sum(p.numel() for p in model.parameters()) + 16 * x[0].numel()
+    monkeypatch.setattr(_per_sample, "_CHUNK_ELEMENTS", 3 * per_sample + 1)  # 3 samples per chunk
     chunked = fl.grad_stats(model, fl.cross_entropy, x, y, progress=True, method=method)
     ends = [int(m.split("/")[0]) for m in capsys.readouterr().err.split("grad_stats: ")[1:]]
     assert ends == [*range(3, n, 3), n]
