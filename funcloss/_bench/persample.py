@@ -116,7 +116,7 @@ def _methods(name: str, device: str = "cpu") -> dict[str, Callable[[], object]]:
     except ImportError:
         pass
     methods["funcloss per_sample_grads"] = lambda: fl.per_sample_grads(model, fl.cross_entropy, x, y)
-    methods["funcloss grad_stats"] = lambda: fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=len(x))
+    methods["funcloss grad_stats"] = lambda: fl.grad_stats(model, fl.cross_entropy, x, y)  # default chunk
     return methods
 
 
