@@ -127,7 +127,7 @@ class _Moments:
         slot[3].index_add_(0, rows, scratch.abs_())
         return sq_norms
 
-    def result(self, count: int, params: Mapping[str, Tensor]) -> GradStats:
+    def result(self, count: int) -> GradStats:
         stats = self.acc if self.acc is not None else self.first
         assert stats is not None, "result() before any chunk"
         total, squares, _, nonzero = stats.unbind(0)  # owned here: computed in place
@@ -342,7 +342,7 @@ def layer_moments(
         return None
     if progress:
         print(file=sys.stderr)
-    return acc.result(n, params)
+    return acc.result(n)
 
 
 def layer_grads(
