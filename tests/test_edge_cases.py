@@ -93,6 +93,41 @@ def test_bce_gradient_at_the_ends_pushes_like_torch() -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0.0)
 
 
+def test_bce_gradient_at_an_end_with_its_own_label_is_the_true_derivative() -> None:
+    """At p = 0 with y = 0 (or p = 1 with y = 1) the loss is -log(1 - p) (or -log p), whose
+    derivative there is 1 (or -1). torch's backward computes (p - y) / max(p (1 - p), 1e-12),
+    which is 0 / 1e-12 = 0 there (NaN in half precision). A deliberate difference."""
+    x = T([0.0, 1.0], dtype=torch.float64)
+    y = T([0.0, 1.0], dtype=torch.float64)
+    ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(x)
+    torch.testing.assert_close(ours, T([1.0, -1.0], dtype=torch.float64))
+    xt = x.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
+    assert theirs.tolist() == [0.0, 0.0]
+    # Just inside the ends both agree with the derivative.
+    inside = T([1e-9, 1 - 1e-9], dtype=torch.float64)
+    ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(inside)
+    it = inside.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.binary_cross_entropy(it, y, reduction="sum"), it)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bce_in_half_precision_at_the_ends(dtype: torch.dtype) -> None:
+    """0 and 1 cost 100 and push with 1/1e-12 (inf in half precision) as in torch's half
+    kernels, eagerly and under vmap and grad (where the range is unknown, so the capped logs
+    always run)."""
+    x = T([0.0, 1.0, 0.5, 0.25, 1e-3], dtype=dtype)
+    y = T([1.0, 0.0, 1.0, 0.0, 1.0], dtype=dtype)
+    theirs = F.binary_cross_entropy(x, y, reduction="none")
+    torch.testing.assert_close(fl.binary_cross_entropy(x, y, reduction="none"), theirs)
+    torch.testing.assert_close(tf.vmap(fl.binary_cross_entropy)(x, y), theirs)
+    xt = x.clone().requires_grad_(True)
+    (their_grad,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
+    ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(x)
+    torch.testing.assert_close(ours, their_grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_bce_with_logits_at_plus_minus_1e3(dtype: torch.dtype) -> None:
     x = T([-1e3, 1e3, -1e3, 1e3], dtype=dtype, requires_grad=True)

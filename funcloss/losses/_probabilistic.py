@@ -28,6 +28,10 @@ def _bce_log(p: Tensor) -> Tensor:
     ``f(p) = log(max(p, 1e-12)) + min(p, 1e-12) / 1e-12``: ``1 / p`` above ``1e-12`` (second
     derivative ``-1 / p^2``), ``1 / 1e-12`` below it (second derivative 0).
     """
+    if p.dtype in (torch.float16, torch.bfloat16):
+        # 1e-12 and its inverse are out of half precision's range: work in float32, as torch's
+        # half kernels compute in float internally.
+        return _bce_log(p.float()).to(p.dtype)
     value = torch.log(p.detach()).clamp_min(_LOG_FLOOR)
     # threshold's derivative is 0 at p == 1e-12 exactly, so there only the min term counts.
     f = torch.add(torch.log(F.threshold(p, _GRAD_FLOOR, _GRAD_FLOOR)), p.clamp_max(_GRAD_FLOOR), alpha=1 / _GRAD_FLOOR)
