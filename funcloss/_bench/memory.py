@@ -1,6 +1,8 @@
 """``python -m funcloss bench memory``: linear_cross_entropy against cross_entropy(linear(...)).
 
-Also against torch's own ``F.linear_cross_entropy`` where this torch has it (2.13 and later).
+Also against torch's own ``F.linear_cross_entropy`` where this torch has it (2.13 and later):
+its unchunked default, and its chunked path (``options=LinearCrossEntropyOptions()``), next to
+funcloss given the same options.
 
 At N=8192, hidden=512, C=32000 (float32), the unchunked path holds the (N, C) logits and their
 gradient (1 GiB each); funcloss's chunked path holds one chunk at a time. On the CPU each side
@@ -42,6 +44,13 @@ def _methods(device: str) -> dict[str, Callable[[], object]]:
     if hasattr(F, "linear_cross_entropy"):
         theirs = F.linear_cross_entropy
         methods["torch linear_cross_entropy"] = lambda: torch.autograd.grad(theirs(x, w, y), (x, w))
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        # torch's own chunked path (opted into with options), and funcloss given the same options.
+        options = torch.nn.LinearCrossEntropyOptions()
+        methods["torch, options=default"] = lambda: torch.autograd.grad(theirs(x, w, y, options=options), (x, w))
+        methods["funcloss, options=default"] = lambda: torch.autograd.grad(
+            fl.linear_cross_entropy(x, w, y, options=options), (x, w)
+        )
     return methods
 
 
