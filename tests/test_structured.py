@@ -369,17 +369,17 @@ needs_lce_options = pytest.mark.skipif(
 
 
 def _record_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The rows per chunk each chunked linear cross-entropy call uses."""
+    """The rows per chunk each chunked linear cross-entropy call resolves."""
     from funcloss.losses import _classification
 
     seen: list[int] = []
-    forward = _classification._ChunkedLinearCE.forward
+    resolve = _classification._rows_per_chunk
 
-    def spy(*args: Any) -> Any:
-        seen.append(args[6])  # forward(ctx, input, weight, bias, target, class_weight, chunk, ...)
-        return forward(*args)
+    def spy(*args: Any) -> int:
+        seen.append(resolve(*args))
+        return seen[-1]
 
-    monkeypatch.setattr(_classification._ChunkedLinearCE, "forward", staticmethod(spy))
+    monkeypatch.setattr(_classification, "_rows_per_chunk", spy)
     return seen
 
 
@@ -424,6 +424,45 @@ def test_linear_cross_entropy_options_errors(monkeypatch: pytest.MonkeyPatch) ->
     criterion = fnn.LinearCrossEntropyLoss(4, 20, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=3))
     criterion(x, y)
     assert seen == [3]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_linear_cross_entropy_gradients_formed_in_the_forward(reduction: str, smoothing: float, weighted: bool) -> None:
+    """The reduced loss forms its gradients while the forward has each chunk's logits: they
+    are scaled by the incoming gradient, survive a second backward (retain_graph), follow only
+    the inputs that require grad, and are skipped under no_grad."""
+    x = torch.randn(11, 4, generator=_g(), dtype=D, requires_grad=True)
+    w = torch.randn(7, 4, generator=_g(1), dtype=D, requires_grad=True)
+    b = torch.randn(7, generator=_g(2), dtype=D, requires_grad=True)
+    y = torch.tensor([0, 6, 3, -100, 4, 4, 1, 2, -100, 5, 0])
+    cw = torch.rand(7, generator=_g(3), dtype=D) if weighted else None
+    kwargs: dict[str, Any] = {"weight": cw, "reduction": reduction, "label_smoothing": smoothing}
+    ours = fl.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=3, **kwargs)
+    theirs = F.cross_entropy(F.linear(x, w, b), y, **kwargs)
+    torch.testing.assert_close(ours, theirs)
+    expected = torch.autograd.grad(3.0 * theirs, (x, w, b))
+    for _ in range(2):  # the second backward recomputes
+        got = torch.autograd.grad(3.0 * ours, (x, w, b), retain_graph=True)
+        for g, h in zip(got, expected):
+            torch.testing.assert_close(g, h)
+    (gw,) = torch.autograd.grad(fl.linear_cross_entropy(x.detach(), w, y, chunk_size=3, **kwargs), w)
+    (hw,) = torch.autograd.grad(F.cross_entropy(F.linear(x.detach(), w), y, **kwargs), w)
+    torch.testing.assert_close(gw, hw)
+    with torch.no_grad():
+        torch.testing.assert_close(fl.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=3, **kwargs), theirs)
+
+
+def test_linear_cross_entropy_every_target_ignored() -> None:
+    """Mean over no kept target: NaN, with a zero gradient."""
+    x = torch.randn(4, 3, generator=_g(), dtype=D, requires_grad=True)
+    w = torch.randn(5, 3, generator=_g(1), dtype=D, requires_grad=True)
+    y = torch.full((4,), -100)
+    ours = fl.linear_cross_entropy(x, w, y, chunk_size=2)
+    assert torch.isnan(ours)
+    for g in torch.autograd.grad(ours, (x, w)):
+        assert torch.equal(g, torch.zeros_like(g))
 
 
 def test_linear_cross_entropy_double_backward_in_eager() -> None:

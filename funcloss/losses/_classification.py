@@ -276,6 +276,25 @@ def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | N
     return flat.reshape(*input.shape[:-1], *linear_weight.shape[:-1])
 
 
+def _chunk_softmax_(
+    logits: Tensor, target: Tensor, class_weight: Tensor | None, w_sum: Tensor | float, smoothing: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's per-row logsumexp, NLL ``lse - z_y`` and smoothing sum ``lse sum(w) - w . z``
+    (zeros unless ``smoothing``), turning ``logits`` into the softmax in place on the way (no
+    chunk-sized temporary, unlike ``logsumexp``)."""
+    z_y = logits.gather(1, target[:, None])[:, 0]
+    dot = None
+    if smoothing:
+        dot = logits.sum(-1) if class_weight is None else logits @ class_weight
+    top = logits.amax(1, keepdim=True)
+    sums = logits.sub_(top).exp_().sum(1, keepdim=True)
+    logits.div_(sums)
+    lse = (top + sums.log_())[:, 0]
+    nll = lse - z_y
+    smooth = lse * w_sum - dot if dot is not None else torch.zeros_like(nll)
+    return lse, nll, smooth
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     """Per-row cross-entropy of ``input @ W.T + b`` without keeping ``(N, C)`` logits.
 
@@ -307,12 +326,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             logits = _linear_logits(input[rows], linear_weight, linear_bias)
-            row_lse = torch.logsumexp(logits, dim=-1)
-            lse[rows] = row_lse
-            nll[rows] = row_lse - logits.gather(1, target[rows, None])[:, 0]
-            if smoothing:
-                dot = logits.sum(-1) if class_weight is None else logits @ class_weight
-                smooth[rows] = row_lse * w_sum - dot
+            lse[rows], nll[rows], smooth[rows] = _chunk_softmax_(logits, target[rows], class_weight, w_sum, smoothing)
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse)
         ctx.chunk = chunk
@@ -323,37 +337,180 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor, g_lse: Tensor) -> tuple[Tensor | None, ...]:
         del g_lse  # not differentiable
         input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
-        chunk: int = ctx.chunk
-        smoothing: bool = ctx.smoothing
-        # Under create_graph the backward is itself differentiated: no in-place updates then.
-        inplace = not torch.is_grad_enabled()
-        g_input = torch.empty_like(input)
-        g_weight = torch.zeros_like(linear_weight)
-        g_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
-        w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
-        for start in range(0, input.size(0), chunk):
+        grads = _linear_ce_grads(
+            input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth, ctx.chunk, ctx.smoothing
+        )
+        return (*grads, None, None, None, None)
+
+
+def _chunk_logit_grads(
+    logits: Tensor,
+    lse: Tensor,
+    target: Tensor,
+    g_nll: Tensor,
+    g_smooth: Tensor,
+    w_sum: Tensor | float,
+    class_weight: Tensor | None,
+    smoothing: bool,
+    inplace: bool,
+) -> Tensor:
+    """The gradient with respect to one chunk's logits of ``sum_r g_nll_r nll_r +
+    g_smooth_r smooth_r``: ``d(nll)/dz = p - onehot(y)``, ``d(smooth)/dz = p sum(w) - w``.
+    ``inplace`` turns ``logits`` into it; otherwise every step is differentiable (the saved
+    logsumexp is a constant to autograd; softmax keeps the dependence)."""
+    coef = g_nll[:, None] + g_smooth[:, None] * w_sum if smoothing else g_nll[:, None]
+    if inplace:
+        g_logits = logits.sub_(lse[:, None]).exp_().mul_(coef)
+        g_logits.scatter_add_(1, target[:, None], -g_nll[:, None])
+    else:
+        g_logits = torch.softmax(logits, dim=-1) * coef
+        g_logits = g_logits.scatter_add(1, target[:, None], -g_nll[:, None])
+    if smoothing:
+        g_logits = g_logits - g_smooth[:, None] * (1.0 if class_weight is None else class_weight)
+    return g_logits
+
+
+def _softmax_grads_(
+    probs: Tensor,
+    target: Tensor,
+    g_nll: Tensor,
+    g_smooth: Tensor,
+    w_sum: Tensor | float,
+    class_weight: Tensor | None,
+    smoothing: bool,
+) -> Tensor:
+    """`_chunk_logit_grads` from a chunk's softmax ``probs``, in place."""
+    coef = g_nll[:, None] + g_smooth[:, None] * w_sum if smoothing else g_nll[:, None]
+    g_logits = probs.mul_(coef)
+    g_logits.scatter_add_(1, target[:, None], -g_nll[:, None])
+    if smoothing:
+        g_logits.sub_(g_smooth[:, None] * (1.0 if class_weight is None else class_weight))
+    return g_logits
+
+
+def _linear_ce_grads(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    lse: Tensor,
+    g_nll: Tensor,
+    g_smooth: Tensor,
+    chunk: int,
+    smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients of ``sum_r g_nll_r nll_r + g_smooth_r smooth_r`` with respect to the input,
+    weight and bias, recomputing the logits one chunk of rows at a time. Under create_graph
+    (the backward itself differentiated) nothing is updated in place."""
+    inplace = not torch.is_grad_enabled()
+    g_input = torch.empty_like(input)
+    g_weight = torch.zeros_like(linear_weight)
+    g_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+    w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
+    for start in range(0, input.size(0), chunk):
+        rows = slice(start, start + chunk)
+        x = input[rows]
+        logits = _linear_logits(x, linear_weight, linear_bias)
+        g_logits = _chunk_logit_grads(
+            logits, lse[rows], target[rows], g_nll[rows], g_smooth[rows], w_sum, class_weight, smoothing, inplace
+        )
+        g_input[rows] = g_logits @ linear_weight
+        if inplace:
+            g_weight.addmm_(g_logits.T, x)
+        else:
+            g_weight = g_weight + g_logits.T @ x
+        if g_bias is not None:
+            g_bias = g_bias + g_logits.sum(0)
+    return g_input, g_weight, g_bias
+
+
+class _ChunkedLinearCETotal(torch.autograd.Function):
+    """The ``"mean"``/``"sum"`` linear cross-entropy as one scalar, chunk by chunk, with its
+    first-order gradients formed in the forward from each chunk's logits (so the backward does
+    not recompute them) and scaled by the incoming gradient in the backward.
+
+    The loss is ``sum_r g_nll_r nll_r + g_smooth_r smooth_r`` with ``g_nll = (1 - eps) a / D``,
+    ``g_smooth = eps / C keep / D``, ``a = w[y] keep`` and ``D = sum(a)`` for the mean (1 for the
+    sum); ``D = 0`` gives NaN with a zero gradient, as `_over` does. A backward under
+    create_graph, or a second backward (retain_graph), recomputes the gradients from the inputs
+    with `_linear_ce_grads`, so double backward stays exact.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: Tensor,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        keep: Tensor,
+        chunk: int,
+        eps: float,
+        mean: bool,
+        precompute: bool,
+    ) -> Tensor:
+        n, classes = input.size(0), linear_weight.size(0)
+        kept = keep.to(input.dtype)
+        a = kept if class_weight is None else class_weight[target] * kept
+        den = a.sum() if mean else torch.ones((), dtype=input.dtype, device=input.device)
+        empty = den == 0
+        scale = torch.where(empty, torch.zeros_like(den), 1 / torch.where(empty, torch.ones_like(den), den))
+        smoothing = eps != 0.0
+        g_nll = a * (scale * (1 - eps))
+        g_smooth = kept * (scale * (eps / classes)) if smoothing else torch.zeros_like(kept)
+        w_sum = float(classes) if class_weight is None else class_weight.sum()
+        needs = ctx.needs_input_grad
+        g_input = torch.empty_like(input) if precompute and needs[0] else None
+        g_weight = torch.zeros_like(linear_weight) if precompute and needs[1] else None
+        g_bias = torch.zeros_like(linear_bias) if precompute and linear_bias is not None and needs[2] else None
+        precompute = any(g is not None for g in (g_input, g_weight, g_bias))
+        lse = input.new_empty(n)
+        total = torch.zeros((), dtype=input.dtype, device=input.device)
+        for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             x = input[rows]
-            logits = _linear_logits(x, linear_weight, linear_bias)
-            # d(nll)/d(logits) = p - onehot(y); d(smooth)/d(logits) = p * sum(w) - w.
-            coef = g_nll[rows, None] + g_smooth[rows, None] * w_sum if smoothing else g_nll[rows, None]
-            if inplace:
-                g_logits = logits.sub_(lse[rows, None]).exp_().mul_(coef)
-                g_logits.scatter_add_(1, target[rows, None], -g_nll[rows, None])
-            else:
-                # the saved logsumexp is a constant to autograd; softmax keeps the dependence
-                g_logits = torch.softmax(logits, dim=-1) * coef
-                g_logits = g_logits.scatter_add(1, target[rows, None], -g_nll[rows, None])
+            probs = _linear_logits(x, linear_weight, linear_bias)
+            lse[rows], row_nll, row_smooth = _chunk_softmax_(probs, target[rows], class_weight, w_sum, smoothing)
+            total += torch.dot(g_nll[rows], row_nll)
             if smoothing:
-                g_logits = g_logits - g_smooth[rows, None] * (1.0 if class_weight is None else class_weight)
-            g_input[rows] = g_logits @ linear_weight
-            if inplace:
-                g_weight.addmm_(g_logits.T, x)
-            else:
-                g_weight = g_weight + g_logits.T @ x
-            if g_bias is not None:
-                g_bias = g_bias + g_logits.sum(0)
-        return g_input, g_weight, g_bias, None, None, None, None
+                total += torch.dot(g_smooth[rows], row_smooth)
+            if precompute:
+                g_logits = _softmax_grads_(
+                    probs, target[rows], g_nll[rows], g_smooth[rows], w_sum, class_weight, smoothing
+                )
+                if g_input is not None:
+                    torch.mm(g_logits, linear_weight, out=g_input[rows])
+                if g_weight is not None:
+                    g_weight.addmm_(g_logits.T, x)
+                if g_bias is not None:
+                    g_bias += g_logits.sum(0)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth)
+        ctx.grads = (g_input, g_weight, g_bias) if precompute else None
+        ctx.chunk, ctx.smoothing = chunk, smoothing
+        return torch.where(empty, torch.full_like(total, float("nan")), total)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rest = (None,) * 7
+        if ctx.grads is not None and not torch.is_grad_enabled():
+            grads, ctx.grads = ctx.grads, None  # scaled in place once; a second backward recomputes
+            return (*(None if g is None else g.mul_(grad) for g in grads), *rest)
+        input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth = ctx.saved_tensors
+        grads = _linear_ce_grads(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            class_weight,
+            lse,
+            g_nll * grad,
+            g_smooth * grad,
+            ctx.chunk,
+            ctx.smoothing,
+        )
+        return (*grads, *rest)
 
 
 def _rows_per_chunk(
@@ -493,15 +650,26 @@ def linear_cross_entropy(
     keep = target != index
     safe = torch.where(keep, target, 0)
     chunk = _rows_per_chunk(options, chunk_size, input, classes)
-    nll, smooth, _ = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
+    if reduction != "none":
+        total: Tensor = _ChunkedLinearCETotal.apply(  # type: ignore[no-untyped-call]
+            input,
+            linear_weight,
+            linear_bias,
+            safe,
+            weight,
+            keep,
+            int(chunk),
+            label_smoothing,
+            reduction == "mean",
+            torch.is_grad_enabled(),
+        )
+        return total
+    per_row: tuple[Tensor, Tensor, Tensor] = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
         input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0
     )
+    nll, smooth, _ = per_row
     kept = keep.to(input.dtype)
-    w = kept if weight is None else weight[safe] * kept
-    values = nll * w
-    result = _class_mean(values, w, reduction)
+    values = nll * (kept if weight is None else weight[safe] * kept)
     if label_smoothing == 0.0:
-        return result
-    smooth = smooth * kept
-    smooth_reduced = _over(smooth.sum(), w.sum()) if reduction == "mean" else reduce(smooth, reduction)
-    return (1 - label_smoothing) * result + smooth_reduced * (label_smoothing / classes)
+        return values
+    return (1 - label_smoothing) * values + (smooth * kept) * (label_smoothing / classes)
