@@ -570,9 +570,12 @@ def linear_cross_entropy(
     """``cross_entropy(input @ linear_weight.T + linear_bias, target, ...)`` without ever holding
     the full ``(N, C)`` logits.
 
-    In eager mode with class-index targets, rows are processed ``chunk_size`` at a time: the
-    forward keeps one logsumexp per row and the backward recomputes each chunk's logits, so peak
-    memory is ``O(chunk_size x C)`` instead of ``O(N x C)`` (the point for large vocabularies).
+    In eager mode with class-index targets, rows are processed ``chunk_size`` at a time, so
+    peak memory is ``O(chunk_size x C)`` instead of ``O(N x C)`` (the point for large
+    vocabularies). With ``"mean"``/``"sum"`` the gradients are formed in the forward from each
+    chunk's softmax and scaled in the backward (no logits are recomputed); with ``"none"``, under
+    ``create_graph``, or for a second backward, the backward recomputes each chunk's logits from
+    the saved logsumexp, so double backward stays exact.
     Under torch.func transforms and torch.compile the same value is computed as a plain
     composition (each vmapped example is one row anyway), so ``grad``, ``vmap``, ``jvp`` and
     ``hessian`` all work.
