@@ -51,6 +51,42 @@ def test_large_inputs_pick_through_the_flat_view(fn: str, device: str) -> None:
         torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_large_cross_entropy_forms_its_gradient_in_the_forward(
+    reduction: str, smoothing: float, weighted: bool
+) -> None:
+    """From 2^16 elements, a reduced cross-entropy whose input requires grad forms the
+    gradient in the forward: scaled by the incoming gradient, right for a second backward
+    (retain_graph) and under create_graph (double backward), NaN with a zero gradient when
+    every target is ignored."""
+    from funcloss.losses._classification import _FLAT_PICK
+
+    rows, classes = _FLAT_PICK // 40 + 5, 40
+    x = torch.randn(rows, classes, generator=_g(), dtype=D, requires_grad=True)
+    y = torch.randint(0, classes, (rows,), generator=_g(1))
+    y[::9] = -100
+    kwargs: dict[str, Any] = {
+        "weight": torch.rand(classes, generator=_g(2), dtype=D) if weighted else None,
+        "reduction": reduction,
+        "label_smoothing": smoothing,
+    }
+    ours, theirs = fl.cross_entropy(x, y, **kwargs), F.cross_entropy(x, y, **kwargs)
+    torch.testing.assert_close(ours, theirs)
+    (expected,) = torch.autograd.grad(3.0 * theirs, x, retain_graph=True)
+    for _ in range(2):
+        torch.testing.assert_close(torch.autograd.grad(3.0 * ours, x, retain_graph=True)[0], expected)
+    (g,) = torch.autograd.grad(fl.cross_entropy(x, y, **kwargs), x, create_graph=True)  # a fresh forward
+    (h,) = torch.autograd.grad(theirs, x, create_graph=True)
+    v = torch.randn(rows, classes, generator=_g(3), dtype=D)
+    torch.testing.assert_close(torch.autograd.grad((g * v).sum(), x)[0], torch.autograd.grad((h * v).sum(), x)[0])
+    if reduction == "mean":
+        none = fl.cross_entropy(x, torch.full_like(y, -100), **kwargs)
+        assert torch.isnan(none)
+        assert torch.equal(torch.autograd.grad(none, x)[0], torch.zeros_like(x))
+
+
 def test_batch_of_one_weights_cancel() -> None:
     x, y = torch.randn(1, 4, generator=_g(), dtype=D), torch.tensor([2])
     w = torch.tensor([1.0, 2.0, 7.0, 3.0], dtype=D)

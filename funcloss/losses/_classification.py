@@ -213,6 +213,25 @@ def cross_entropy(
     class_dim = _class_dim("cross_entropy", input)
     classes = input.size(class_dim)
     _check_class_weight("cross_entropy", weight, classes)
+    if (
+        reduction != "none"
+        and input.dim() == 2
+        and input.numel() >= _FLAT_PICK
+        and target.dim() == 1
+        and target.dtype in (torch.int64, torch.uint8)
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and is_eager()
+    ):
+        # The training case: the gradient is formed in the forward (one (N, C) buffer).
+        _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
+        target = target.long()
+        _check_in_range(target, classes, ignore_index)
+        keep = target != ignore_index
+        total: Tensor = _CrossEntropyTotal.apply(  # type: ignore[no-untyped-call]
+            input, torch.where(keep, target, 0), weight, keep, label_smoothing, reduction == "mean"
+        )
+        return total
     logp = torch.log_softmax(input, dim=class_dim)
     if target.shape == input.shape:
         return _cross_entropy_probs(logp, target, weight, ignore_index, reduction, label_smoothing, class_dim)
@@ -452,14 +471,8 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
         precompute: bool,
     ) -> Tensor:
         n, classes = input.size(0), linear_weight.size(0)
-        kept = keep.to(input.dtype)
-        a = kept if class_weight is None else class_weight[target] * kept
-        den = a.sum() if mean else torch.ones((), dtype=input.dtype, device=input.device)
-        empty = den == 0
-        scale = torch.where(empty, torch.zeros_like(den), 1 / torch.where(empty, torch.ones_like(den), den))
+        g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, input.dtype)
         smoothing = eps != 0.0
-        g_nll = a * (scale * (1 - eps))
-        g_smooth = kept * (scale * (eps / classes)) if smoothing else torch.zeros_like(kept)
         w_sum = float(classes) if class_weight is None else class_weight.sum()
         needs = ctx.needs_input_grad
         g_input = torch.empty_like(input) if precompute and needs[0] else None
@@ -511,6 +524,62 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
             ctx.smoothing,
         )
         return (*grads, *rest)
+
+
+def _reduction_coefficients(
+    target: Tensor, class_weight: Tensor | None, keep: Tensor, eps: float, classes: int, mean: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row weights of a reduced class loss ``sum_r g_nll_r nll_r + g_smooth_r smooth_r``:
+    ``g_nll = (1 - eps) a / D``, ``g_smooth = eps / C keep / D`` with ``a = w[y] keep`` and
+    ``D = sum(a)`` for the mean (1 for the sum); and whether ``D = 0`` (then the coefficients
+    are 0 and the loss NaN, as `_over` gives)."""
+    kept = keep.to(dtype)
+    a = kept if class_weight is None else class_weight[target] * kept
+    den = a.sum() if mean else torch.ones((), dtype=dtype, device=keep.device)
+    empty = den == 0
+    scale = torch.where(empty, torch.zeros_like(den), 1 / torch.where(empty, torch.ones_like(den), den))
+    g_nll = a * (scale * (1 - eps))
+    g_smooth = kept * (scale * (eps / classes)) if eps != 0.0 else torch.zeros_like(kept)
+    return g_nll, g_smooth, empty
+
+
+class _CrossEntropyTotal(torch.autograd.Function):
+    """``"mean"``/``"sum"`` cross-entropy of ``(N, C)`` logits and class indices, whose gradient
+    ``g_nll (p - onehot(y)) + g_smooth (p sum(w) - w)`` is formed in the forward in the one
+    ``(N, C)`` buffer that held the softmax; the backward scales it in place. A backward under
+    create_graph, or a second backward, recomputes it with differentiable ops.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, input: Tensor, target: Tensor, class_weight: Tensor | None, keep: Tensor, eps: float, mean: bool
+    ) -> Tensor:
+        classes = input.size(1)
+        g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, input.dtype)
+        smoothing = eps != 0.0
+        w_sum = float(classes) if class_weight is None else class_weight.sum()
+        logp = torch.log_softmax(input, dim=1)
+        total = -torch.dot(g_nll, logp.gather(1, target[:, None])[:, 0])
+        if smoothing:
+            dot = logp.sum(-1) if class_weight is None else logp @ class_weight
+            total = total - torch.dot(g_smooth, dot)
+        ctx.save_for_backward(input, target, class_weight, g_nll, g_smooth)
+        ctx.grad = _softmax_grads_(logp.exp_(), target, g_nll, g_smooth, w_sum, class_weight, smoothing)
+        ctx.smoothing = smoothing
+        return torch.where(empty, torch.full_like(total, float("nan")), total)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        rest = (None,) * 5
+        if ctx.grad is not None and not torch.is_grad_enabled():
+            g_input, ctx.grad = ctx.grad, None  # scaled in place once; a second backward recomputes
+            return (g_input.mul_(grad), *rest)
+        input, target, class_weight, g_nll, g_smooth = ctx.saved_tensors
+        w_sum = float(input.size(1)) if class_weight is None else class_weight.sum()
+        g_input = _chunk_logit_grads(
+            input, input, target, g_nll * grad, g_smooth * grad, w_sum, class_weight, ctx.smoothing, False
+        )
+        return (g_input, *rest)
 
 
 def _rows_per_chunk(
