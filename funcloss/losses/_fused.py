@@ -118,25 +118,22 @@ def fused_difference_loss(
 
 
 class _PairTotal(torch.autograd.Function):
-    """A reduced loss of ``(input, target)`` times a constant ``factor``; subclasses give the
-    total (`total`) and the recomputing backward."""
+    """A reduced loss of ``(input, target)`` times a constant ``factor``; each subclass's
+    ``forward`` computes its total after `keep` and its ``backward`` recomputes the derivative."""
 
     @staticmethod
-    def total(input: Tensor, target: Tensor, factor: float) -> Tensor:
-        raise NotImplementedError
-
-    @classmethod
-    def forward(cls, ctx: Any, input: Tensor, target: Tensor, factor: float) -> Tensor:
+    def keep(ctx: Any, input: Tensor, target: Tensor, factor: float) -> None:
         ctx.save_for_backward(input, target)
         ctx.factor = factor
-        return cls.total(input, target, factor)
 
 
 class _LogitsBCE(_PairTotal):
     """``sum(softplus(x) - y x)``, the unweighted BCE-with-logits total."""
 
     @staticmethod
-    def total(input: Tensor, target: Tensor, factor: float) -> Tensor:
+    def forward(ctx: Any, input: Tensor, target: Tensor, factor: float) -> Tensor:
+        _PairTotal.keep(ctx, input, target, factor)
+
         def chunk_total(x: Tensor, y: Tensor, sp: Tensor, _: Tensor) -> Tensor:
             torch.nn.functional.softplus(x, out=sp)  # type: ignore[call-arg]
             return sp.sum() - torch.dot(x, y)
@@ -163,7 +160,9 @@ class _ProbabilityBCE(_PairTotal):
     torch's clamps cannot act; the backward is ``(p - y) / (p (1 - p))``."""
 
     @staticmethod
-    def total(input: Tensor, target: Tensor, factor: float) -> Tensor:
+    def forward(ctx: Any, input: Tensor, target: Tensor, factor: float) -> Tensor:
+        _PairTotal.keep(ctx, input, target, factor)
+
         def chunk_total(p: Tensor, y: Tensor, log_q: Tensor, log_p: Tensor) -> Tensor:
             # y log p + (1 - y) log q = log q + y (log p - log q)
             torch.log1p(torch.neg(p, out=log_q), out=log_q)
