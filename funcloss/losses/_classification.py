@@ -364,7 +364,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
 
 def _chunk_logit_grads(
     logits: Tensor,
-    lse: Tensor,
+    lse: Tensor | None,
     target: Tensor,
     g_nll: Tensor,
     g_smooth: Tensor,
@@ -375,10 +375,11 @@ def _chunk_logit_grads(
 ) -> Tensor:
     """The gradient with respect to one chunk's logits of ``sum_r g_nll_r nll_r +
     g_smooth_r smooth_r``: ``d(nll)/dz = p - onehot(y)``, ``d(smooth)/dz = p sum(w) - w``.
-    ``inplace`` turns ``logits`` into it; otherwise every step is differentiable (the saved
-    logsumexp is a constant to autograd; softmax keeps the dependence)."""
+    ``inplace`` turns ``logits`` into it with the saved logsumexp ``lse``; otherwise every step
+    is differentiable (softmax keeps the dependence on the logits; ``lse`` is not needed)."""
     coef = g_nll[:, None] + g_smooth[:, None] * w_sum if smoothing else g_nll[:, None]
     if inplace:
+        assert lse is not None, "the in-place form needs the logsumexp"
         g_logits = logits.sub_(lse[:, None]).exp_().mul_(coef)
         g_logits.scatter_add_(1, target[:, None], -g_nll[:, None])
     else:
@@ -445,15 +446,12 @@ def _linear_ce_grads(
 
 
 class _ChunkedLinearCETotal(torch.autograd.Function):
-    """The ``"mean"``/``"sum"`` linear cross-entropy as one scalar, chunk by chunk, with its
-    first-order gradients formed in the forward from each chunk's logits (so the backward does
-    not recompute them) and scaled by the incoming gradient in the backward.
-
-    The loss is ``sum_r g_nll_r nll_r + g_smooth_r smooth_r`` with ``g_nll = (1 - eps) a / D``,
-    ``g_smooth = eps / C keep / D``, ``a = w[y] keep`` and ``D = sum(a)`` for the mean (1 for the
-    sum); ``D = 0`` gives NaN with a zero gradient, as `_over` does. A backward under
-    create_graph, or a second backward (retain_graph), recomputes the gradients from the inputs
-    with `_linear_ce_grads`, so double backward stays exact.
+    """The ``"mean"``/``"sum"`` linear cross-entropy as one scalar (weighted per row as
+    `_reduction_coefficients` gives), chunk by chunk, with its first-order gradients formed in
+    the forward from each chunk's softmax (so the backward does not recompute them) and scaled
+    by the incoming gradient in the backward. A backward under create_graph, or a second
+    backward (retain_graph), recomputes the gradients from the inputs with `_linear_ce_grads`,
+    so double backward stays exact.
     """
 
     @staticmethod
@@ -577,7 +575,7 @@ class _CrossEntropyTotal(torch.autograd.Function):
         input, target, class_weight, g_nll, g_smooth = ctx.saved_tensors
         w_sum = float(input.size(1)) if class_weight is None else class_weight.sum()
         g_input = _chunk_logit_grads(
-            input, input, target, g_nll * grad, g_smooth * grad, w_sum, class_weight, ctx.smoothing, False
+            input, None, target, g_nll * grad, g_smooth * grad, w_sum, class_weight, ctx.smoothing, False
         )
         return (g_input, *rest)
 
