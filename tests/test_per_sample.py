@@ -107,6 +107,23 @@ def test_grad_stats_match_their_definitions(kind: str, chunk: int) -> None:
     torch.testing.assert_close(s.coherence, flat.sum(0).pow(2).sum() / (flat**2).sum())
 
 
+@pytest.mark.parametrize("chunk", [256, 100])
+def test_grad_stats_in_float32_keeps_float32_accuracy(chunk: int) -> None:
+    """One chunk sums in float32 and forms the variance there; several chunks keep float64
+    totals. Either way, with gradients whose mean is several times their spread (where
+    sum-of-squares variances lose digits), float32 statistics stay within float32 accuracy of a
+    float64 run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(256, 16) + 3.0, torch.zeros(256, dtype=torch.long)
+    reference = fl.grad_stats(model.double(), fl.cross_entropy, x.double(), y, chunk_size=chunk)
+    stats = fl.grad_stats(model.float(), fl.cross_entropy, x, y, chunk_size=chunk)
+    for name, v in reference.variance.items():
+        assert stats.mean[name].dtype == torch.float32
+        torch.testing.assert_close(stats.mean[name].double(), reference.mean[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(stats.variance[name].double(), v, rtol=1e-3, atol=1e-9)
+
+
 @pytest.mark.parametrize("method", ["auto", "vmap"])
 def test_grad_stats_default_chunk_follows_the_memory_budget(
     method: Literal["auto", "vmap"], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
