@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 
@@ -27,6 +28,16 @@ def is_eager() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._functorch.peek_interpreter_stack() is None
+
+
+def has_tangent(*tensors: Tensor | None) -> bool:
+    """Whether a tensor carries an eager forward-mode tangent (``torch.autograd.forward_ad``).
+    The eager fast paths are custom autograd Functions without a ``jvp``; they step aside then,
+    and the plain composition carries the tangent."""
+    if getattr(fwAD, "_current_level", 0) < 0:  # no dual level is open, so no tensor has one
+        return False
+    unpack: Callable[[Tensor], Any] = fwAD.unpack_dual  # untyped in torch's stubs
+    return any(t is not None and unpack(t).tangent is not None for t in tensors)
 
 
 def only_vmap() -> bool:

@@ -370,3 +370,54 @@ def test_meta_tensors_give_torchs_shapes(row: Row) -> None:
     assert ours.device.type == "meta"
     assert ours.shape == theirs.shape
     assert ours.dtype == theirs.dtype
+
+
+def _forward_tangent(fn: Callable[..., torch.Tensor], primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """The eager forward-mode derivative (``torch.autograd.forward_ad``) of ``fn`` at ``primal``."""
+    import torch.autograd.forward_ad as fwAD
+
+    make: Callable[..., torch.Tensor] = fwAD.make_dual
+    unpack: Callable[[torch.Tensor], Any] = fwAD.unpack_dual
+    with fwAD.dual_level():
+        out = unpack(fn(make(primal, tangent))).tangent
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize(
+    "name", ["mse_loss", "l1_loss", "huber_loss", "binary_cross_entropy_with_logits", "cross_entropy"]
+)
+def test_eager_forward_mode_ad_on_large_inputs(name: str, requires_grad: bool) -> None:
+    """The eager fast paths are autograd Functions without a jvp: inputs that carry a
+    forward-mode tangent take the composition instead, so torch.autograd.forward_ad works."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 200, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
+    t = torch.randn(400, 200, generator=g, dtype=torch.float64)
+    if name == "cross_entropy":
+        y = torch.randint(0, 200, (400,), generator=g)
+    else:
+        y = torch.rand(400, 200, generator=g, dtype=torch.float64)
+    ours = _forward_tangent(lambda p: getattr(fl, name)(p, y), x, t)
+    theirs = _forward_tangent(lambda p: getattr(F, name)(p, y), x, t)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_eager_forward_mode_ad_through_linear_ce_and_ctc() -> None:
+    """The chunked linear cross-entropy and CTC's eager recursion step aside for a tangent too:
+    compared with the derivative from the backward (a dot product with the tangent)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 30, (64,), generator=g)
+    t = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    tangent = _forward_tangent(lambda p: fl.linear_cross_entropy(p, w, y, chunk_size=16), x, t)
+    (grad,) = torch.autograd.grad(fl.linear_cross_entropy(x, w, y, chunk_size=16), x)
+    torch.testing.assert_close(tangent, (grad * t).sum())
+    lp = torch.randn(12, 3, 5, generator=g, dtype=torch.float64).log_softmax(2).requires_grad_()
+    targets = torch.randint(1, 5, (3, 4), generator=g)
+    lengths, target_lengths = torch.full((3,), 12), torch.tensor([4, 3, 2])
+    t = torch.randn(12, 3, 5, generator=g, dtype=torch.float64)
+    tangent = _forward_tangent(lambda p: fl.ctc_loss(p, targets, lengths, target_lengths), lp, t)
+    (grad,) = torch.autograd.grad(fl.ctc_loss(lp, targets, lengths, target_lengths), lp)
+    torch.testing.assert_close(tangent, (grad * t).sum())

@@ -10,7 +10,7 @@ from torch import Tensor
 if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch still imports
     from torch.nn import LinearCrossEntropyOptions
 
-from .._checks import check_reduction, is_eager, on_accelerator
+from .._checks import check_reduction, has_tangent, is_eager, on_accelerator
 from .._combinators import reduce
 from .._typing import Reduction
 
@@ -222,6 +222,7 @@ def cross_entropy(
         and input.requires_grad
         and torch.is_grad_enabled()
         and is_eager()
+        and not has_tangent(input)
     ):
         # The training case: the gradient is formed in the forward (one (N, C) buffer).
         _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
@@ -701,6 +702,7 @@ def linear_cross_entropy(
     index = -100 if ignore_index is None else ignore_index
     chunked = (
         is_eager()
+        and not has_tangent(input, linear_weight, linear_bias)
         and not probabilities
         and not out_features
         and input.dim() == 2

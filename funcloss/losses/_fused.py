@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import is_eager
+from .._checks import has_tangent, is_eager
 
 Kind = Literal["l1", "mse", "huber"]
 
@@ -38,6 +38,7 @@ def use_fused(input: Tensor, target: Tensor, reduction: str) -> bool:
         and input.dtype == target.dtype
         and input.dtype in (torch.float32, torch.float64)
         and is_eager()
+        and not has_tangent(input, target)
     )
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import check_reduction, check_values, is_eager, only_vmap
+from .._checks import check_reduction, check_values, has_tangent, is_eager, only_vmap
 from .._typing import Reduction
 
 
@@ -197,7 +197,7 @@ def _alpha_step(alpha: Tensor, skip: Tensor, emit_t: Tensor, neg: float) -> Tens
 def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: Tensor, blank: int) -> Tensor:
     """``log p(labels | log_probs)`` per sequence, by the alpha recursion."""
     ext, skip = _extended(labels, blank, log_probs.dtype)
-    if is_eager():
+    if is_eager() and not has_tangent(log_probs):
         # Steps past the longest input matter to no sequence.
         used = max(1, int(in_len.max())) if in_len.numel() else 1
         ll: Tensor = _CTCFunction.apply(log_probs[:used], ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
