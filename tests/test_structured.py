@@ -87,6 +87,21 @@ def test_large_cross_entropy_forms_its_gradient_in_the_forward(
         assert torch.equal(torch.autograd.grad(none, x)[0], torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("rows", [7, 2000])
+def test_class_weight_gradient_at_every_size(rows: int) -> None:
+    """A class weight that requires grad gets its gradient (torch raises instead) whether the
+    input is small (the composition) or large enough for the gradient-in-the-forward Function,
+    which then steps aside: against the weighted mean written out."""
+    classes = 40
+    x = torch.randn(rows, classes, generator=_g(), dtype=D, requires_grad=True)
+    y = torch.randint(0, classes, (rows,), generator=_g(1))
+    w = torch.rand(classes, generator=_g(2), dtype=D).add_(0.5).requires_grad_()
+    ours = torch.autograd.grad(fl.cross_entropy(x, y, w), (x, w))
+    picked = x.log_softmax(1)[torch.arange(rows), y]
+    expected = torch.autograd.grad(-(w[y] * picked).sum() / w[y].sum(), (x, w))
+    torch.testing.assert_close(ours, expected)
+
+
 def test_batch_of_one_weights_cancel() -> None:
     x, y = torch.randn(1, 4, generator=_g(), dtype=D), torch.tensor([2])
     w = torch.tensor([1.0, 2.0, 7.0, 3.0], dtype=D)

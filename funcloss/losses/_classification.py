@@ -89,6 +89,23 @@ def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
     return logp.gather(class_dim, target.unsqueeze(class_dim)).squeeze(class_dim)
 
 
+def _total_path(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
+    """Whether a reduced cross-entropy of a large ``(N, C)`` input takes `_CrossEntropyTotal`:
+    training in eager mode, no tangent, and no class weight to differentiate (the Function
+    gives the weight no gradient; the composition does)."""
+    return (
+        input.dim() == 2
+        and input.numel() >= _FLAT_PICK
+        and target.dim() == 1
+        and target.dtype in (torch.int64, torch.uint8)
+        and input.requires_grad
+        and torch.is_grad_enabled()
+        and (weight is None or not weight.requires_grad)
+        and is_eager()
+        and not has_tangent(input)
+    )
+
+
 def _picked(
     logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, class_dim: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,17 +230,7 @@ def cross_entropy(
     class_dim = _class_dim("cross_entropy", input)
     classes = input.size(class_dim)
     _check_class_weight("cross_entropy", weight, classes)
-    if (
-        reduction != "none"
-        and input.dim() == 2
-        and input.numel() >= _FLAT_PICK
-        and target.dim() == 1
-        and target.dtype in (torch.int64, torch.uint8)
-        and input.requires_grad
-        and torch.is_grad_enabled()
-        and is_eager()
-        and not has_tangent(input)
-    ):
+    if reduction != "none" and _total_path(input, target, weight):
         # The training case: the gradient is formed in the forward (one (N, C) buffer).
         _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
         target = target.long()
