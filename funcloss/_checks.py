@@ -68,7 +68,7 @@ def warn_if_broadcast(fn: str, input: Tensor, target: Tensor) -> None:
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # loss -> its autocast wrapper -> the caller
         )
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from .._autocast import autocast_device, float32_under_autocast
 
 if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch still imports
     from torch.nn import LinearCrossEntropyOptions
@@ -134,6 +137,7 @@ def _class_mean(values: Tensor, w: Tensor, reduction: Reduction) -> Tensor:
     return reduce(values, reduction)
 
 
+@float32_under_autocast
 def nll_loss(
     input: Tensor,
     target: Tensor,
@@ -179,6 +183,7 @@ def _class_view(weight: Tensor, input: Tensor, class_dim: int) -> Tensor:
     return weight.reshape(shape)
 
 
+@float32_under_autocast
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -295,8 +300,7 @@ def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | N
     """``input @ W.T + b``; a K-dimensional ``W`` of shape ``(C, *out, H)`` gives logits
     ``(N, C, *out)`` (classes on dim 1, as cross_entropy wants them)."""
     if linear_weight.dim() == 2:
-        logits = input @ linear_weight.T
-        return logits if linear_bias is None else logits + linear_bias
+        return F.linear(input, linear_weight, linear_bias)
     flat = input @ linear_weight.reshape(-1, linear_weight.size(-1)).T
     if linear_bias is not None:
         flat = flat + linear_bias.reshape(-1)
@@ -709,6 +713,8 @@ def linear_cross_entropy(
     index = -100 if ignore_index is None else ignore_index
     chunked = (
         is_eager()
+        # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
+        and autocast_device((input,), {}) is None
         and not has_tangent(input, linear_weight, linear_bias)
         and not probabilities
         and not out_features

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._autocast import float32_under_autocast
 from .._checks import check_reduction
 from .._combinators import reduce
 from .._typing import DistanceFunction, Reduction
@@ -13,6 +14,7 @@ from .._typing import DistanceFunction, Reduction
 _COSINE_EPS = 1e-12
 
 
+@float32_under_autocast
 def cosine_embedding_loss(
     input1: Tensor,
     input2: Tensor,
@@ -76,6 +78,7 @@ def _check_triplet(fn: str, anchor: Tensor, positive: Tensor, negative: Tensor, 
         )
 
 
+@float32_under_autocast
 def triplet_margin_loss(
     anchor: Tensor,
     positive: Tensor,

@@ -7,11 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._autocast import float32_under_autocast
 from .._checks import broadcast_shape, check_range, check_reduction
 from .._combinators import reduce
 from .._typing import Reduction
 
 
+@float32_under_autocast
 def soft_margin_loss(
     input: Tensor,
     target: Tensor,
@@ -42,6 +44,7 @@ def soft_margin_loss(
     return reduce(F.softplus(-input * target), reduction)
 
 
+@float32_under_autocast
 def hinge_embedding_loss(
     input: Tensor,
     target: Tensor,
@@ -72,6 +75,7 @@ def hinge_embedding_loss(
     return reduce(hinge + direct, reduction)
 
 
+@float32_under_autocast
 def margin_ranking_loss(
     input1: Tensor,
     input2: Tensor,
@@ -111,6 +115,7 @@ def _check_index_classes(fn: str, input: Tensor, target: Tensor) -> tuple[Tensor
     return target.long(), input.size(-1)
 
 
+@float32_under_autocast
 def multi_margin_loss(
     input: Tensor,
     target: Tensor,
@@ -178,6 +183,7 @@ def multi_margin_loss(
 _PAIRWISE_CLASSES = 32
 
 
+@float32_under_autocast
 def multilabel_margin_loss(
     input: Tensor,
     target: Tensor,

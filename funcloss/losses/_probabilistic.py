@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._autocast import float32_under_autocast, refused_under_autocast
 from .._checks import check_reduction, check_same_shape, is_eager, on_accelerator
 from .._combinators import batchmean, reduce
 from .._typing import KLDivReduction, Reduction
@@ -17,6 +18,13 @@ from ._fused import fused_logits_bce, fused_probability_bce, use_fused
 # torch clamps each log term of BCE at -100 and its gradient's denominator p(1 - p) at 1e-12.
 _LOG_FLOOR = -100.0
 _GRAD_FLOOR = 1e-12
+
+# torch refuses binary_cross_entropy under CUDA autocast (the float16 logs underflow).
+_BCE_UNSAFE = (
+    "binary_cross_entropy(...): expected no CUDA autocast region, got one. As in torch, "
+    "binary_cross_entropy is unsafe to autocast: a sigmoid in float16 saturates at 0 and 1. Pass logits "
+    "to binary_cross_entropy_with_logits instead (safe to autocast), or compute the loss outside the region."
+)
 
 
 def _bce_log(p: Tensor) -> Tensor:
@@ -38,6 +46,8 @@ def _bce_log(p: Tensor) -> Tensor:
     return (f - f.detach()) + value
 
 
+@refused_under_autocast("cuda", _BCE_UNSAFE)
+@float32_under_autocast
 def binary_cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -98,6 +108,7 @@ def binary_cross_entropy(
     return reduce(values, reduction)
 
 
+@float32_under_autocast
 def binary_cross_entropy_with_logits(
     input: Tensor,
     target: Tensor,
@@ -135,6 +146,7 @@ def binary_cross_entropy_with_logits(
     return reduce(values, reduction)
 
 
+@float32_under_autocast
 def kl_div(
     input: Tensor,
     target: Tensor,
@@ -169,7 +181,7 @@ def kl_div(
             "support size. 'batchmean' divides only by the batch size, and aligns with the KL "
             "divergence's definition.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of the autocast wrapper
         )
     if log_target:
         values = torch.exp(target) * (target - input)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._autocast import float32_under_autocast
 from .._checks import check_reduction, check_values, warn_if_broadcast
 from .._combinators import reduce, weighted_reduce
 from .._typing import Reduction
@@ -21,6 +22,7 @@ def _elementwise_weight(fn: str, weight: Tensor | None, input: Tensor) -> None:
         )
 
 
+@float32_under_autocast
 def l1_loss(
     input: Tensor,
     target: Tensor,
@@ -57,6 +59,7 @@ def l1_loss(
     return weighted_reduce((x - y).abs(), weight, reduction)
 
 
+@float32_under_autocast
 def mse_loss(
     input: Tensor,
     target: Tensor,
@@ -98,6 +101,7 @@ def _huber_values(d: Tensor, delta: float) -> Tensor:
     return c * torch.sub(d, c, alpha=0.5)
 
 
+@float32_under_autocast
 def huber_loss(
     input: Tensor,
     target: Tensor,
@@ -144,6 +148,7 @@ def huber_loss(
     return reduce(values, reduction)
 
 
+@float32_under_autocast
 def smooth_l1_loss(
     input: Tensor,
     target: Tensor,
@@ -186,6 +191,7 @@ def smooth_l1_loss(
     return reduce(_huber_values(d, beta) / beta, reduction)
 
 
+@float32_under_autocast
 def poisson_nll_loss(
     input: Tensor,
     target: Tensor,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._autocast import float32_under_autocast
 from .._checks import check_reduction, check_values, has_tangent, is_eager, only_vmap
 from .._typing import Reduction
 
@@ -41,6 +42,7 @@ def _padded_targets(targets: Tensor, target_lengths: Tensor, batch: int) -> Tens
     return targets[pos] if targets.numel() else targets.new_zeros((batch, width))
 
 
+@float32_under_autocast
 def ctc_loss(
     log_probs: Tensor,
     targets: Tensor,
