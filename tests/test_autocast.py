@@ -110,3 +110,22 @@ def test_warnings_point_at_the_caller() -> None:
         fl.kl_div(torch.zeros(3), torch.ones(3) / 3)
     assert len(caught) == 2
     assert all(w.filename == __file__ for w in caught), [w.filename for w in caught]
+
+
+def test_autocast_inside_compile() -> None:
+    """An autocast region inside a compiled function (fullgraph): the policy traces."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 5, generator=gen).bfloat16()
+    y = torch.randn(8, 5, generator=gen).bfloat16()
+    t = torch.randint(0, 5, (8,), generator=gen)
+
+    @torch.compile(fullgraph=True)
+    def ours(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fl.cross_entropy(x, t), fl.mse_loss(x, y)
+
+    ce, mse = ours(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(x, t), F.mse_loss(x, y)
+    assert ce.dtype == mse.dtype == torch.float32
+    torch.testing.assert_close((ce, mse), expected)
