@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     check.add_argument("--compile", action="store_true", help="also try torch.compile (slow: seconds per loss)")
     check.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    check.add_argument(
+        "--autocast",
+        action="store_true",
+        help="run inside torch.autocast with --dtype float16 or bfloat16 (mixed-precision parity)",
+    )
 
     demo = sub.add_parser("demo", help="train a small classifier functionally, then inspect its gradient signs")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
@@ -41,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(args.loss or []) - set(CASES))
         if unknown:
             parser.error(f"unknown loss {unknown}; choose from {sorted(CASES)}")
-        return run(args.device, DTYPES[args.dtype], names=args.loss, compile=args.compile)
+        if args.autocast and args.dtype not in ("float16", "bfloat16"):
+            parser.error(f"--autocast: expected --dtype float16 or bfloat16, got {args.dtype}")
+        return run(args.device, DTYPES[args.dtype], names=args.loss, compile=args.compile, autocast=args.autocast)
     if args.command == "demo":
         from ._demo import run as run_demo
 

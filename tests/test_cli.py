@@ -59,3 +59,28 @@ def test_check_command_line() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "huber_loss" in result.stdout
+
+
+def test_check_under_autocast_compares_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check --autocast``: inside an autocast region every loss matches torch, result dtype
+    included; a loss that returned the half dtype where torch returns float32 is flagged."""
+    out = io.StringIO()
+    assert run("cpu", torch.bfloat16, names=["cross_entropy", "mse_loss"], autocast=True, out=out) == 0
+    assert "inside torch.autocast('cpu', dtype=torch.bfloat16)" in out.getvalue()
+    case = bench_cases.CASES["mse_loss"]
+    half = dataclasses.replace(case, ours=lambda x, y, **kw: case.ours(x, y, **kw).to(torch.bfloat16))
+    monkeypatch.setitem(bench_cases.CASES, "mse_loss", half)
+    out = io.StringIO()
+    assert run("cpu", torch.bfloat16, names=["mse_loss"], autocast=True, out=out) == 1
+    assert "MISMATCH" in out.getvalue()
+
+
+def test_check_autocast_needs_a_half_dtype() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "funcloss", "check", "--autocast", "--dtype", "float32"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--autocast: expected --dtype float16 or bfloat16, got float32" in result.stderr

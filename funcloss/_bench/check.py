@@ -1,11 +1,15 @@
 """``python -m funcloss check``: funcloss against torch.nn.functional on this device.
 
 For each loss: the largest deviation of value and gradients from torch on random inputs, and
-which torch.func transforms work for funcloss and for torch's own loss.
+which torch.func transforms work for funcloss and for torch's own loss. With ``autocast``,
+everything runs inside a ``torch.autocast`` region of the half dtype, on inputs in that dtype
+(a model's outputs there), and a loss whose result dtype differs from torch's is a mismatch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import warnings
 from collections.abc import Callable
@@ -28,9 +32,12 @@ def _value_and_grads(fn: Callable[..., Tensor], ex: Example) -> tuple[Tensor, li
 
 
 def deviation(case: LossCase, ex: Example) -> tuple[float, float]:
-    """Largest relative-to-scale absolute deviation of value and of gradients from torch."""
+    """Largest relative-to-scale absolute deviation of value and of gradients from torch
+    (infinite when the value's dtype differs)."""
     ours, our_grads = _value_and_grads(case.ours, ex)
     theirs, their_grads = _value_and_grads(case.theirs, ex)
+    if ours.dtype != theirs.dtype:
+        return float("inf"), float("inf")
 
     def dev(a: Tensor, b: Tensor) -> float:
         if a.numel() == 0:
@@ -56,21 +63,35 @@ def status(transform: str, fn: Callable[..., Tensor], ex: Example) -> str:
     return "ok"
 
 
+def _example(case: LossCase, opts: dict[str, Any], dtype: torch.dtype, device: str, autocast: bool) -> Example:
+    """The case's inputs in ``dtype``; under autocast, built in float32 and only the positional
+    tensors (a model's outputs) cast to ``dtype``, keyword tensors (weights) left float32."""
+    if not autocast:
+        return case.make(Sampler(0, dtype, device), opts)
+    ex = case.make(Sampler(0, torch.float32, device), opts)
+    args = tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in ex.args)
+    return dataclasses.replace(ex, args=args)
+
+
 def run(
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     *,
     names: list[str] | None = None,
     compile: bool = False,
+    autocast: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     """Print the report; return 0 if funcloss matched torch and passed every transform."""
+    if autocast and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"check(...): expected float16 or bfloat16 with autocast, got {dtype}.")
     torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
     transforms = [t for t in TRANSFORMS if compile or t != "compile"]
     tol = TOLERANCE[dtype]
     cases = [CASES[n] for n in names] if names else list(CASES.values())
     width = max(len(c.name) for c in cases)
-    print(f"funcloss check on {device}, {dtype} (torch {torch.__version__})", file=out)
+    region = f", inside torch.autocast({torch.device(device).type!r}, dtype={dtype})" if autocast else ""
+    print(f"funcloss check on {device}, {dtype}{region} (torch {torch.__version__})", file=out)
     print("cells: funcloss/torch; ok = works, loop = vmap falls back to a per-example loop", file=out)
     header = f"{'loss':<{width}}  {'value dev':>9}  {'grad dev':>9}  " + "  ".join(f"{t:<10}" for t in transforms)
     print(header, file=out)
@@ -79,9 +100,11 @@ def run(
     uncompared: list[str] = []
     for case in cases:
         opts: dict[str, Any] = case.defaults()
-        ex = case.make(Sampler(0, dtype, device), opts)
+        ex = _example(case, opts, dtype, device, autocast)
+        region_cm = torch.autocast(torch.device(device).type, dtype=dtype) if autocast else contextlib.nullcontext()
         try:
-            dv, dg = deviation(case, ex)
+            with region_cm:
+                dv, dg = deviation(case, ex)
             devs = f"{dv:>9.1e}  {dg:>9.1e}"
             mismatch = dv > tol or dg > tol
         except Exception as e:  # torch lacks this dtype on this device, or this loss, for instance
@@ -91,8 +114,9 @@ def run(
         for t in transforms:
             tex = ex
             if t in ("jacfwd", "jacrev") and "reduction" in opts:
-                tex = case.make(Sampler(0, dtype, device), {**opts, "reduction": "none"})
-            ours, theirs = status(t, case.ours, tex), status(t, case.theirs, tex)
+                tex = _example(case, {**opts, "reduction": "none"}, dtype, device, autocast)
+            with torch.autocast(torch.device(device).type, dtype=dtype) if autocast else contextlib.nullcontext():
+                ours, theirs = status(t, case.ours, tex), status(t, case.theirs, tex)
             bad += ours != "ok"
             cells.append(f"{ours}/{theirs}")
         bad += mismatch
