@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.func as tf
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import funcloss as fl
 from funcloss._bench.cases import Example, Sampler
@@ -129,3 +130,87 @@ def test_autocast_inside_compile() -> None:
         expected = F.cross_entropy(x, t), F.mse_loss(x, y)
     assert ce.dtype == mse.dtype == torch.float32
     torch.testing.assert_close((ce, mse), expected)
+
+
+class _LargestOutput(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """The most elements any aten op's tensor output held."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.numel = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+def _linear_ce_under_autocast(
+    fn: Any, tensors: list[torch.Tensor], target: torch.Tensor, device: str, dtype: torch.dtype, **kwargs: Any
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    x, w, b = (t.detach().clone().requires_grad_(True) for t in tensors)
+    with torch.autocast(device, dtype=dtype):
+        out = fn(x, w, target, linear_bias=b, **kwargs)
+        grads = torch.autograd.grad(out.sum(), (x, w, b))
+    return out, list(grads)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.1}, {"reduction": "none"}, {"reduction": "sum"}], ids=repr
+)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_linear_cross_entropy_stays_chunked_under_autocast(
+    dtype: torch.dtype, options: dict[str, Any], input_dtype: torch.dtype, device: str
+) -> None:
+    """Mixed precision is where large vocabularies are trained: under autocast the loss is
+    still computed chunk by chunk (no op ever outputs N x C elements), with torch's policy for
+    the composition: logits in the autocast dtype, a float32 loss, gradients in the inputs'
+    dtypes."""
+    gen = torch.Generator().manual_seed(0)
+    n, classes, hidden = 37, 50, 16
+    x = torch.randn(n, hidden, generator=gen).to(device, input_dtype)
+    w = torch.randn(classes, hidden, generator=gen).to(device)
+    b = torch.randn(classes, generator=gen).to(device)
+    y = torch.randint(0, classes, (n,), generator=gen).to(device)
+    y[3] = -100
+    kwargs = {**options, "weight": torch.rand(classes, generator=gen).to(device)}
+
+    def composition(x: Any, w: Any, y: Any, *, linear_bias: Any, **kw: Any) -> torch.Tensor:
+        return F.cross_entropy(F.linear(x, w, linear_bias), y, **kw)
+
+    theirs, their_grads = _linear_ce_under_autocast(composition, [x, w, b], y, device, dtype, **kwargs)
+    with _LargestOutput() as seen:
+        ours, our_grads = _linear_ce_under_autocast(
+            fl.linear_cross_entropy, [x, w, b], y, device, dtype, chunk_size=5, **kwargs
+        )
+    assert seen.numel < n * classes, f"an op output {seen.numel} elements: the (N, C) logits were formed"
+    assert ours.dtype == theirs.dtype == torch.float32
+    # The same half-precision logits: the loss agrees to float32 accuracy. The weight and bias
+    # gradients are sums over rows of half-precision products, which torch rounds once and
+    # funcloss once per chunk: they agree to the half dtype's precision.
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    half = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    for g, h in zip(our_grads, their_grads):
+        assert g is not None and h is not None and g.dtype == h.dtype
+        torch.testing.assert_close(g, h, rtol=half, atol=half)
+
+
+def test_linear_cross_entropy_differentiates_a_class_weight() -> None:
+    """A class weight that requires grad (torch refuses one) gets the composition's gradient,
+    not a silent None or a partial one from the chunked path."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 6, (9,), generator=gen)
+    cw = torch.rand(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    for kwargs in ({}, {"label_smoothing": 0.2}, {"reduction": "none", "label_smoothing": 0.2}):
+        ours = fl.linear_cross_entropy(x, w, y, weight=cw, chunk_size=2, **kwargs)
+        theirs = fl.cross_entropy(x @ w.T, y, cw, **kwargs)
+        (g,) = torch.autograd.grad(ours.sum(), cw)
+        (h,) = torch.autograd.grad(theirs.sum(), cw)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(g, h)

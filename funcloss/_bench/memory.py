@@ -8,7 +8,8 @@ At N=8192, hidden=512, C=32000 (float32), the unchunked path holds the (N, C) lo
 gradient (1 GiB each); funcloss's chunked path holds one chunk at a time. On the CPU each side
 runs a forward and backward in its own fresh process and the peak RSS growth during the call is
 reported; on CUDA, the growth of the caching allocator's peak allocation. Then the median time
-ratio over interleaved rounds (in one process).
+ratio over interleaved rounds (in one process). The last rows repeat the comparison under
+``torch.autocast``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import torch
 from .rss import cuda_peak_extra_bytes, sync
 
 _SIZES = (8192, 512, 32000)
+_BASE = "cross_entropy(linear(...))"
+# The same two under torch.autocast (bfloat16; float16 on a GPU without bfloat16), compared
+# with each other: mixed precision is how large vocabularies are trained.
+_AMP_BASE = "autocast: cross_entropy(linear)"
+_AMP_OURS = "autocast: funcloss"
 
 
 def _methods(device: str) -> dict[str, Callable[[], object]]:
@@ -39,7 +45,7 @@ def _methods(device: str) -> dict[str, Callable[[], object]]:
     y = torch.randint(0, c, (n,), device=device)
     methods: dict[str, Callable[[], object]] = {
         "funcloss linear_cross_entropy": lambda: torch.autograd.grad(fl.linear_cross_entropy(x, w, y), (x, w)),
-        "cross_entropy(linear(...))": lambda: torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), (x, w)),
+        _BASE: lambda: torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), (x, w)),
     }
     if hasattr(F, "linear_cross_entropy"):
         theirs = F.linear_cross_entropy
@@ -51,6 +57,17 @@ def _methods(device: str) -> dict[str, Callable[[], object]]:
         methods["funcloss, options=default"] = lambda: torch.autograd.grad(
             fl.linear_cross_entropy(x, w, y, options=options), (x, w)
         )
+    half = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+
+    def under_autocast(loss: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        def step() -> object:
+            with torch.autocast(torch.device(device).type, dtype=half):
+                return torch.autograd.grad(loss(), (x, w))
+
+        return step
+
+    methods[_AMP_BASE] = under_autocast(lambda: F.cross_entropy(F.linear(x, w), y))
+    methods[_AMP_OURS] = under_autocast(lambda: fl.linear_cross_entropy(x, w, y))
     return methods
 
 
@@ -80,7 +97,7 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
         peaks = {label: _peak(label) for label in methods}
     for fn in methods.values():
         fn()
-    base = "cross_entropy(linear(...))"
+    bases = {label: _AMP_BASE if label.startswith("autocast") else _BASE for label in methods}
     ratios: dict[str, list[float]] = {label: [] for label in methods}
     for _ in range(rounds):
         order = list(methods)
@@ -93,10 +110,10 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
             sync(device)
             t[label] = time.perf_counter() - start
         for label in methods:
-            ratios[label].append(t[label] / t[base])
-    print(f"  ratios to {base}; time: median of {rounds} interleaved rounds")
+            ratios[label].append(t[label] / t[bases[label]])
+    print(f"  ratios to {_BASE} (the autocast rows: to {_AMP_BASE}); time: median of {rounds} interleaved rounds")
     print(f"  {'method':<32} {'peak extra MiB':>14} {'memory ratio':>12} {'time ratio':>10}")
     for label in methods:
-        mem = peaks[label] / peaks[base]
+        mem = peaks[label] / peaks[bases[label]]
         print(f"  {label:<32} {peaks[label]:>14.0f} {mem:>12.2f} {statistics.median(ratios[label]):>10.2f}")
     return 0

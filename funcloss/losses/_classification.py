@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -307,6 +308,42 @@ def _linear_logits(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | N
     return flat.reshape(*input.shape[:-1], *linear_weight.shape[:-1])
 
 
+_AMP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _amp_dtypes(
+    amp: str | None, input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
+) -> tuple[torch.dtype, torch.dtype] | None:
+    """The chunked path's ``(matmul dtype, softmax dtype)``: the input's dtype for both outside
+    autocast; under autocast for ``amp``, torch's policy for ``cross_entropy(linear(...))``
+    (the logits in autocast's dtype, the cross-entropy in float32). None where autocast would
+    leave a tensor uncast (float64), which the plain composition handles."""
+    if amp is None:
+        return input.dtype, input.dtype
+    tensors = (input, linear_weight) if linear_bias is None else (input, linear_weight, linear_bias)
+    if any(t.dtype not in _AMP_DTYPES for t in tensors):
+        return None
+    return torch.get_autocast_dtype(amp), torch.float32
+
+
+def _chunk_logits(x: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, acc: torch.dtype) -> Tensor:
+    """One chunk's logits from ``x``, ``W`` and ``b`` already in the matmul dtype, in ``acc``."""
+    logits = _linear_logits(x, linear_weight, linear_bias)
+    return logits if logits.dtype == acc else logits.to(acc)
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _autocast_off(device: str) -> contextlib.AbstractContextManager[object]:
+    """Autocast disabled for ``device`` (the chunked path casts explicitly)."""
+    try:
+        return torch.autocast(device, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
 def _chunk_softmax_(
     logits: Tensor, target: Tensor, class_weight: Tensor | None, w_sum: Tensor | float, smoothing: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -333,7 +370,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
     of rows at a time and turns them into probabilities with the saved logsumexp. Returns the
     per-row unweighted NLL ``lse - z_y``, the per-row smoothing sum
     ``-sum_c w_c logp_c = lse * sum(w) - w . z`` (zeros unless ``smoothing``) and the logsumexp
-    (saved for the backward, not differentiable).
+    (saved for the backward, not differentiable). The logits are computed in ``mm`` and the
+    softmax in ``acc`` (`_amp_dtypes`).
     """
 
     @staticmethod
@@ -346,32 +384,46 @@ class _ChunkedLinearCE(torch.autograd.Function):
         class_weight: Tensor | None,
         chunk: int,
         smoothing: bool,
+        mm: torch.dtype,
+        acc: torch.dtype,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # Eager mode only: the classic form, whose ``apply`` skips setup_context's per-call
         # signature binding.
         n = input.size(0)
-        nll = input.new_empty(n)
-        smooth = input.new_zeros(n)
-        lse = input.new_empty(n)
+        nll = input.new_empty(n, dtype=acc)
+        smooth = input.new_zeros(n, dtype=acc)
+        lse = input.new_empty(n, dtype=acc)
         w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
+        w_mm, b_mm, x_mm = _as(linear_weight, mm), _as(linear_bias, mm), _as(input, mm)
+        assert w_mm is not None and x_mm is not None
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            logits = _linear_logits(input[rows], linear_weight, linear_bias)
+            logits = _chunk_logits(x_mm[rows], w_mm, b_mm, acc)
             lse[rows], nll[rows], smooth[rows] = _chunk_softmax_(logits, target[rows], class_weight, w_sum, smoothing)
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse)
-        ctx.chunk = chunk
-        ctx.smoothing = smoothing
+        ctx.chunk, ctx.smoothing, ctx.mm = chunk, smoothing, mm
         return nll, smooth, lse
 
     @staticmethod
     def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor, g_lse: Tensor) -> tuple[Tensor | None, ...]:
         del g_lse  # not differentiable
         input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
-        grads = _linear_ce_grads(
-            input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth, ctx.chunk, ctx.smoothing
-        )
-        return (*grads, None, None, None, None)
+        with _autocast_off(input.device.type):
+            grads = _linear_ce_grads(
+                input,
+                linear_weight,
+                linear_bias,
+                target,
+                class_weight,
+                lse,
+                g_nll,
+                g_smooth,
+                ctx.chunk,
+                ctx.smoothing,
+                ctx.mm,
+            )
+        return (*grads, None, None, None, None, None, None)
 
 
 def _chunk_logit_grads(
@@ -431,30 +483,41 @@ def _linear_ce_grads(
     g_smooth: Tensor,
     chunk: int,
     smoothing: bool,
+    mm: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients of ``sum_r g_nll_r nll_r + g_smooth_r smooth_r`` with respect to the input,
-    weight and bias, recomputing the logits one chunk of rows at a time. Under create_graph
-    (the backward itself differentiated) nothing is updated in place."""
+    weight and bias, recomputing the logits one chunk of rows at a time (the matmuls in ``mm``,
+    the softmax in ``lse``'s dtype; weight and bias gradients summed over chunks in at least
+    float32's precision). Under create_graph (the backward itself differentiated) nothing is
+    updated in place."""
     inplace = not torch.is_grad_enabled()
+    acc = lse.dtype
     g_input = torch.empty_like(input)
-    g_weight = torch.zeros_like(linear_weight)
-    g_bias = None if linear_bias is None else torch.zeros_like(linear_bias)
+    total = torch.promote_types(linear_weight.dtype, acc)
+    g_weight = torch.zeros(linear_weight.shape, dtype=total, device=linear_weight.device)
+    g_bias = None if linear_bias is None else torch.zeros(linear_bias.shape, dtype=total, device=linear_bias.device)
     w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
+    w_mm, b_mm, x_mm = _as(linear_weight, mm), _as(linear_bias, mm), _as(input, mm)
+    assert w_mm is not None and x_mm is not None
     for start in range(0, input.size(0), chunk):
         rows = slice(start, start + chunk)
-        x = input[rows]
-        logits = _linear_logits(x, linear_weight, linear_bias)
+        x = x_mm[rows]
+        logits = _chunk_logits(x, w_mm, b_mm, acc)
         g_logits = _chunk_logit_grads(
             logits, lse[rows], target[rows], g_nll[rows], g_smooth[rows], w_sum, class_weight, smoothing, inplace
         )
-        g_input[rows] = g_logits @ linear_weight
-        if inplace:
-            g_weight.addmm_(g_logits.T, x)
+        g_mm = g_logits.to(mm)
+        g_input[rows] = g_mm @ w_mm
+        if inplace and g_weight.dtype == mm:
+            g_weight.addmm_(g_mm.T, x)
+        elif inplace:
+            g_weight += g_mm.T @ x
         else:
-            g_weight = g_weight + g_logits.T @ x
+            g_weight = g_weight + g_mm.T @ x
         if g_bias is not None:
-            g_bias = g_bias + g_logits.sum(0)
-    return g_input, g_weight, g_bias
+            g_bias = g_bias + g_mm.sum(0)
+    bias = None if g_bias is None or linear_bias is None else g_bias.to(linear_bias.dtype)
+    return g_input, g_weight.to(linear_weight.dtype), bias
 
 
 class _ChunkedLinearCETotal(torch.autograd.Function):
@@ -463,7 +526,7 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
     the forward from each chunk's softmax (so the backward does not recompute them) and scaled
     by the incoming gradient in the backward. A backward under create_graph, or a second
     backward (retain_graph), recomputes the gradients from the inputs with `_linear_ce_grads`,
-    so double backward stays exact.
+    so double backward stays exact. The logits are computed in ``mm``, the softmax in ``acc``.
     """
 
     @staticmethod
@@ -479,60 +542,81 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
         eps: float,
         mean: bool,
         precompute: bool,
+        mm: torch.dtype,
+        acc: torch.dtype,
     ) -> Tensor:
         n, classes = input.size(0), linear_weight.size(0)
-        g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, input.dtype)
+        g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, acc)
         smoothing = eps != 0.0
         w_sum = float(classes) if class_weight is None else class_weight.sum()
         needs = ctx.needs_input_grad
+        # Weight and bias gradients summed over the chunks in at least float32's precision.
+        total_dtype = torch.promote_types(linear_weight.dtype, acc)
         g_input = torch.empty_like(input) if precompute and needs[0] else None
-        g_weight = torch.zeros_like(linear_weight) if precompute and needs[1] else None
-        g_bias = torch.zeros_like(linear_bias) if precompute and linear_bias is not None and needs[2] else None
+        g_weight = (
+            torch.zeros(linear_weight.shape, dtype=total_dtype, device=input.device)
+            if precompute and needs[1]
+            else None
+        )
+        g_bias = (
+            torch.zeros(linear_bias.shape, dtype=total_dtype, device=input.device)
+            if precompute and linear_bias is not None and needs[2]
+            else None
+        )
         precompute = any(g is not None for g in (g_input, g_weight, g_bias))
-        lse = input.new_empty(n)
-        total = torch.zeros((), dtype=input.dtype, device=input.device)
+        w_mm, b_mm, x_mm = _as(linear_weight, mm), _as(linear_bias, mm), _as(input, mm)
+        assert w_mm is not None and x_mm is not None
+        lse = input.new_empty(n, dtype=acc)
+        total = torch.zeros((), dtype=acc, device=input.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            x = input[rows]
-            probs = _linear_logits(x, linear_weight, linear_bias)
+            x = x_mm[rows]
+            probs = _chunk_logits(x, w_mm, b_mm, acc)
             lse[rows], row_nll, row_smooth = _chunk_softmax_(probs, target[rows], class_weight, w_sum, smoothing)
             total += torch.dot(g_nll[rows], row_nll)
             if smoothing:
                 total += torch.dot(g_smooth[rows], row_smooth)
             if precompute:
-                g_logits = _softmax_grads_(
+                g_mm = _softmax_grads_(
                     probs, target[rows], g_nll[rows], g_smooth[rows], w_sum, class_weight, smoothing
-                )
-                if g_input is not None:
-                    torch.mm(g_logits, linear_weight, out=g_input[rows])
-                if g_weight is not None:
-                    g_weight.addmm_(g_logits.T, x)
+                ).to(mm)
+                if g_input is not None and g_input.dtype == mm:
+                    torch.mm(g_mm, w_mm, out=g_input[rows])
+                elif g_input is not None:
+                    g_input[rows] = g_mm @ w_mm
+                if g_weight is not None and g_weight.dtype == mm:
+                    g_weight.addmm_(g_mm.T, x)
+                elif g_weight is not None:
+                    g_weight += g_mm.T @ x
                 if g_bias is not None:
-                    g_bias += g_logits.sum(0)
+                    g_bias += g_mm.sum(0)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth)
-        ctx.grads = (g_input, g_weight, g_bias) if precompute else None
-        ctx.chunk, ctx.smoothing = chunk, smoothing
+        bias_dtype = linear_weight.dtype if linear_bias is None else linear_bias.dtype
+        ctx.grads = (g_input, _as(g_weight, linear_weight.dtype), _as(g_bias, bias_dtype)) if precompute else None
+        ctx.chunk, ctx.smoothing, ctx.mm = chunk, smoothing, mm
         return torch.where(empty, torch.full_like(total, float("nan")), total)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        rest = (None,) * 7
+        rest = (None,) * 9
         if ctx.grads is not None and not torch.is_grad_enabled():
             grads, ctx.grads = ctx.grads, None  # scaled in place once; a second backward recomputes
             return (*(None if g is None else g.mul_(grad) for g in grads), *rest)
         input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth = ctx.saved_tensors
-        grads = _linear_ce_grads(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            class_weight,
-            lse,
-            g_nll * grad,
-            g_smooth * grad,
-            ctx.chunk,
-            ctx.smoothing,
-        )
+        with _autocast_off(input.device.type):
+            grads = _linear_ce_grads(
+                input,
+                linear_weight,
+                linear_bias,
+                target,
+                class_weight,
+                lse,
+                g_nll * grad,
+                g_smooth * grad,
+                ctx.chunk,
+                ctx.smoothing,
+                ctx.mm,
+            )
         return (*grads, *rest)
 
 
@@ -655,9 +739,13 @@ def linear_cross_entropy(
     chunk's softmax and scaled in the backward (no logits are recomputed); with ``"none"``, under
     ``create_graph``, or for a second backward, the backward recomputes each chunk's logits from
     the saved logsumexp, so double backward stays exact.
+    Under ``torch.autocast`` the chunks follow torch's policy for the composition: each chunk's
+    logits are computed in autocast's dtype, its softmax and loss in float32 (the result is
+    float32), and the weight and bias gradients are summed over chunks in float32.
     Under torch.func transforms and torch.compile the same value is computed as a plain
     composition (each vmapped example is one row anyway), so ``grad``, ``vmap``, ``jvp`` and
-    ``hessian`` all work.
+    ``hessian`` all work. So is a class ``weight`` that requires grad (torch refuses one), and
+    float64 tensors under autocast.
 
     Args:
         input: ``(N, H)`` or unbatched ``(H,)``.
@@ -671,7 +759,8 @@ def linear_cross_entropy(
         options: a ``torch.nn.LinearCrossEntropyOptions``. Its ``batch_chunk_size`` and
             ``chunking_method`` pick the rows per chunk as in torch (``"auto"`` as torch picks
             for the input's device and dtype). ``acc_policy``, ``acc_dtype`` and
-            ``allow_retain_graph`` do not apply: chunks are computed in the input's dtype, and
+            ``allow_retain_graph`` do not apply: chunks are computed in the input's dtype (under
+            autocast, as described above), and
             the backward recomputes them, so ``retain_graph`` and double backward always work.
             Unlike torch, funcloss also chunks without ``options``.
         chunk_size: rows per chunk (default: enough rows for about 32M logits, at least 1).
@@ -711,17 +800,22 @@ def linear_cross_entropy(
             "linear_cross_entropy(...): ignore_index cannot be specified when target contains probabilities."
         )
     index = -100 if ignore_index is None else ignore_index
+    amp = autocast_device((input,), {})
+    dtypes = _amp_dtypes(amp, input, linear_weight, linear_bias)
     chunked = (
         is_eager()
-        # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
-        and autocast_device((input,), {}) is None
+        and dtypes is not None
         and not has_tangent(input, linear_weight, linear_bias)
+        # The chunked Functions do not differentiate a class weight (torch refuses one that
+        # requires grad); the composition does.
+        and not (weight is not None and weight.requires_grad)
         and not probabilities
         and not out_features
         and input.dim() == 2
         and target.dtype in (torch.int64, torch.uint8)
     )
-    if not chunked:
+    if not chunked or dtypes is None:
+        # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
         logits = _linear_logits(input, linear_weight, linear_bias)
         return cross_entropy(
             logits, target, weight, ignore_index=index, reduction=reduction, label_smoothing=label_smoothing
@@ -735,25 +829,31 @@ def linear_cross_entropy(
     keep = target != index
     safe = torch.where(keep, target, 0)
     chunk = _rows_per_chunk(options, chunk_size, input, classes)
-    if reduction != "none":
-        total: Tensor = _ChunkedLinearCETotal.apply(  # type: ignore[no-untyped-call]
-            input,
-            linear_weight,
-            linear_bias,
-            safe,
-            weight,
-            keep,
-            int(chunk),
-            label_smoothing,
-            reduction == "mean",
-            torch.is_grad_enabled(),
+    mm, acc = dtypes
+    if amp is not None and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+        weight = weight.float()  # as cross_entropy's float32 autocast policy casts it
+    with contextlib.nullcontext() if amp is None else _autocast_off(amp):
+        if reduction != "none":
+            total: Tensor = _ChunkedLinearCETotal.apply(  # type: ignore[no-untyped-call]
+                input,
+                linear_weight,
+                linear_bias,
+                safe,
+                weight,
+                keep,
+                int(chunk),
+                label_smoothing,
+                reduction == "mean",
+                torch.is_grad_enabled(),
+                mm,
+                acc,
+            )
+            return total
+        per_row: tuple[Tensor, Tensor, Tensor] = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
+            input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0, mm, acc
         )
-        return total
-    per_row: tuple[Tensor, Tensor, Tensor] = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
-        input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0
-    )
     nll, smooth, _ = per_row
-    kept = keep.to(input.dtype)
+    kept = keep.to(acc)
     values = nll * (kept if weight is None else weight[safe] * kept)
     if label_smoothing == 0.0:
         return values
