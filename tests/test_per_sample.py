@@ -451,6 +451,26 @@ def test_works_inside_no_grad(method: str) -> None:
         torch.testing.assert_close(stats.mean[name], v.mean(0))
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "bag"])
+def test_under_autocast_match_a_loop_under_autocast(kind: str, method: Literal["auto", "vmap"]) -> None:
+    """Under bfloat16 autocast (the model's matmuls in bfloat16, the loss in float32), the
+    per-sample gradients equal a loop of single-sample backward passes under the same autocast
+    to bfloat16's precision, in the parameters' dtype; the statistics stay float32."""
+    model, x, y = _setup(kind)
+    model = model.float()
+    x = x.float() if x.is_floating_point() else x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _loop(model, fl.cross_entropy, x, y)
+        grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, method=method)
+        stats = fl.grad_stats(model, fl.cross_entropy, x, y, method=method)
+    for name, v in expected.items():
+        scale = float(v.abs().max())
+        assert grads[name].dtype == stats.mean[name].dtype == torch.float32
+        torch.testing.assert_close(grads[name], v, rtol=0, atol=2e-2 * scale)
+        torch.testing.assert_close(stats.mean[name], v.mean(0), rtol=0, atol=1e-2 * scale)
+
+
 # Losses whose per-sample values the layer path computes in one batched call (no vmap).
 ROWWISE: list[tuple[str, Callable[..., Tensor], str]] = [
     ("fl.cross_entropy", fl.cross_entropy, "index"),
