@@ -42,13 +42,14 @@ def test_large_inputs_pick_through_the_flat_view(fn: str, device: str) -> None:
     inputs gather. Both against torch, with and without an ignored target."""
     from funcloss.losses._classification import _FLAT_PICK
 
-    rows, classes = _FLAT_PICK // 50 + 3, 50
-    x = torch.randn(rows, classes, generator=_g(), dtype=D).log_softmax(1).to(device).requires_grad_()
-    y = torch.randint(0, classes, (rows,), generator=_g(1)).to(device)
-    for target in (y, torch.where(torch.arange(rows, device=device) % 7 == 0, -100, y)):
-        ours, theirs = getattr(fl, fn)(x, target), getattr(F, fn)(x, target)
-        torch.testing.assert_close(ours, theirs)
-        torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+    # Shapes in turn, and back to the first: the row offsets kept between calls are per shape.
+    for rows, classes in ((_FLAT_PICK // 50 + 3, 50), (_FLAT_PICK // 40 + 1, 40), (_FLAT_PICK // 50 + 3, 50)):
+        x = torch.randn(rows, classes, generator=_g(), dtype=D).log_softmax(1).to(device).requires_grad_()
+        y = torch.randint(0, classes, (rows,), generator=_g(1)).to(device)
+        for target in (y, torch.where(torch.arange(rows, device=device) % 7 == 0, -100, y)):
+            ours, theirs = getattr(fl, fn)(x, target), getattr(F, fn)(x, target)
+            torch.testing.assert_close(ours, theirs)
+            torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._autocast import autocast_device, float32_under_autocast
 
@@ -63,7 +65,8 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
         # device-side assertion, that of the gather in `_pick`. Whether any target is ignored
         # stays unknown, so the masked path is taken.
         return False
-    low, high = torch.stack(list(torch.aminmax(target))).tolist()
+    bounds = torch.aminmax(target)
+    low, high = bounds.min.item(), bounds.max.item()
     if low >= 0 and high < classes:
         return not 0 <= ignore_index < classes or not bool((target == ignore_index).any())
     bad = ((target < 0) | (target >= classes)) & (target != ignore_index)
@@ -80,6 +83,20 @@ def _check_in_range(target: Tensor, classes: int, ignore_index: int) -> bool:
 _FLAT_PICK = 1 << 16
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_row_starts(rows: int, classes: int) -> Tensor:
+    return torch.arange(0, rows * classes, classes)
+
+
+def _row_starts(rows: int, classes: int) -> Tensor:
+    """``[0, C, 2C, ...]``: where each row of a contiguous CPU ``(rows, C)`` tensor starts in
+    its flat view. In plain eager mode it is kept for the next call (training repeats the same
+    shape); under a transform, compile or a dispatch mode (fake tensors) it is made afresh."""
+    if is_eager() and _get_current_dispatch_mode() is None:
+        return _cached_row_starts(rows, classes)
+    return torch.arange(0, rows * classes, classes)
+
+
 def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
     """``logp[..., target, ...]`` along the class dim. On accelerators the gather's own bounds
     check is the (asynchronous) range check."""
@@ -88,8 +105,7 @@ def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
         # flat buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
         # Small inputs take the gather: one kernel instead of four.
         rows, classes = logp.shape
-        flat = torch.arange(0, rows * classes, classes, device=logp.device) + target
-        return logp.reshape(-1).index_select(0, flat)
+        return logp.reshape(-1).index_select(0, _row_starts(rows, classes) + target)
     return logp.gather(class_dim, target.unsqueeze(class_dim)).squeeze(class_dim)
 
 
