@@ -2,8 +2,8 @@
 
 Checks of shapes, dtypes and options always run. Checks that read tensor values (a negative
 variance, a probability outside [0, 1], a class index out of range) run only in eager mode: under
-``vmap``, ``grad``, ``jvp`` or ``torch.compile`` they step aside, because reading a value there
-either fails (vmap) or breaks the graph (compile).
+``vmap``, ``grad``, ``jvp``, ``torch.compile`` or a fake tensor mode they step aside, because
+reading a value there either fails (vmap, fake tensors) or breaks the graph (compile).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ def broadcast_shape(*shapes: torch.Size) -> torch.Size:
 
 
 def is_eager() -> bool:
-    """True when no torch.func transform is active and torch.compile is not tracing."""
-    if torch.compiler.is_compiling():
+    """True when no torch.func transform is active, torch.compile is not tracing, and no fake
+    tensor mode (shape propagation, memory estimation: there are no values to read) is on."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return torch._C._functorch.peek_interpreter_stack() is None
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
 
 
 def has_tangent(*tensors: Tensor | None) -> bool:

@@ -421,3 +421,25 @@ def test_eager_forward_mode_ad_through_linear_ce_and_ctc() -> None:
     tangent = _forward_tangent(lambda p: fl.ctc_loss(p, targets, lengths, target_lengths), lp, t)
     (grad,) = torch.autograd.grad(fl.ctc_loss(lp, targets, lengths, target_lengths), lp)
     torch.testing.assert_close(tangent, (grad * t).sum())
+
+
+# ---------------------------------------------------------------- fake tensors
+
+
+@pytest.mark.parametrize("row", rows())
+def test_fake_tensors_give_the_real_shape_and_dtype(row: Row) -> None:
+    """Under a fake tensor mode (shape propagation, memory estimation) there are no values to
+    check: every loss steps around its value checks and fast paths, and gives the shape and
+    dtype a real call gives (where torch's own nll_loss, cross_entropy and margins do too)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = row.case
+    for reduction in ("none", "mean") if "reduction" in case.defaults() else (None,):
+        options = case.defaults() if reduction is None else {**case.defaults(), "reduction": reduction}
+        ex = case.make(Sampler(0, torch.float32, "cpu"), options)
+        real = quiet_call(case.ours, *ex.args, **ex.kwargs)
+        with FakeTensorMode() as mode:
+            args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in ex.args]
+            kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in ex.kwargs.items()}
+            fake = quiet_call(case.ours, *args, **kwargs)
+        assert (fake.shape, fake.dtype) == (real.shape, real.dtype), f"{row.name} {options}"
