@@ -83,29 +83,36 @@ def check_same_shape(fn: str, input: Tensor, target: Tensor, *, exc: type[Except
 
 
 def check_values(
-    ok: Tensor | bool | Callable[[], Tensor], exc: type[Exception], message: str, *, device_assert: bool = False
+    ok: Tensor | bool | Callable[[], Tensor],
+    exc: type[Exception],
+    message: str | Callable[[], str],
+    *,
+    device_assert: bool = False,
 ) -> None:
     """Raise ``exc(message)`` if ``ok`` is false; a no-op under transforms and compile.
 
     ``ok`` is a boolean tensor (all elements must hold), a function returning one (called only
-    in eager mode, so a transform pays nothing for the check), or a Python bool. With
+    in eager mode, so a transform pays nothing for the check), or a Python bool. ``message``
+    may be a function, called only to raise: a message formatted from integer arguments must
+    be, since torch.compile with dynamic shapes cannot format their symbols. With
     ``device_assert``, a tensor on an accelerator is checked the way torch's own kernels check
     it there: asynchronously, with no host synchronisation (a failure surfaces as a
     device-side assertion ``RuntimeError`` at a later synchronising call).
     """
     if isinstance(ok, bool):
         if not ok:
-            raise exc(message)
+            raise exc(message if isinstance(message, str) else message())
         return
     if not is_eager():
         return
     if callable(ok):
         ok = ok()
+    text = message if isinstance(message, str) else message()
     if device_assert and on_accelerator(ok):
-        torch._assert_async(ok.all(), message)
+        torch._assert_async(ok.all(), text)
         return
     if not bool(ok.all()):
-        raise exc(message)
+        raise exc(text)
 
 
 def check_range(

@@ -23,7 +23,7 @@ def example_for(row: Row, transform: str, device: str) -> Example:
     options = dict(row.case.defaults())
     if transform in NONE_REDUCTION and "reduction" in options:
         options["reduction"] = "none"
-    dtype = torch.float32 if transform == "compile" else torch.float64
+    dtype = torch.float32 if transform.startswith("compile") else torch.float64
     return row.case.make(Sampler(7, dtype, device), options)
 
 
@@ -43,7 +43,7 @@ def _compare(ours: Any, theirs: Any, dtype: torch.dtype, what: str) -> None:
 @pytest.mark.parametrize("row", rows())
 def test_transform(row: Row, transform: str, device: str) -> None:
     ex = example_for(row, transform, device)
-    if transform == "compile":
+    if transform.startswith("compile"):
         torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*reduction.*'mean' divides.*")
@@ -73,3 +73,39 @@ def test_torch_itself_falls_back_under_vmap(row: Row) -> None:
         except (RuntimeError, ValueError):
             return
     assert any("performance drop" in str(w.message) for w in caught), "torch vmapped without falling back"
+
+
+# Float options, each with values to compile in turn (the first is the registry's default).
+FLOAT_OPTIONS: list[tuple[str, str, tuple[float, ...]]] = [
+    ("huber_loss", "delta", (1.0, 0.5, 2.5)),
+    ("smooth_l1_loss", "beta", (1.0, 0.3, 2.5)),
+    ("hinge_embedding_loss", "margin", (1.0, 0.4, 2.5)),
+    ("margin_ranking_loss", "margin", (0.0, 0.4, 2.5)),
+    ("poisson_nll_loss", "eps", (1e-8, 0.5, 2.5)),
+    ("gaussian_nll_loss", "eps", (1e-6, 0.5, 2.5)),
+    ("cross_entropy", "label_smoothing", (0.0, 0.3, 0.7)),
+    ("multi_margin_loss", "margin", (1.0, 0.4, 2.5)),
+    ("cosine_embedding_loss", "margin", (0.0, 0.4, -0.5)),
+    ("triplet_margin_loss", "margin", (1.0, 0.4, 2.5)),
+]
+
+
+@pytest.mark.parametrize(("name", "option", "values"), FLOAT_OPTIONS, ids=[f"{n}-{o}" for n, o, _ in FLOAT_OPTIONS])
+def test_compiled_float_options_follow_each_value(
+    name: str, option: str, values: tuple[float, ...], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under torch.compile(dynamic=True) a float option is symbolic, and compiled graphs are
+    cached (on disk too, across processes): a loss compiled for one value must not give that
+    value's result for the next (torch 2.13 did so for a float used as a clamp bound)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # an empty cache, as on a fresh machine
+    from funcloss._bench.cases import CASES
+
+    case = CASES[name]
+    ex = case.make(Sampler(5, torch.float32, "cpu"), case.defaults())
+    for value in values:
+        torch._dynamo.reset()
+        kwargs = {**ex.kwargs, option: value}
+        point = Example(ex.args, kwargs, ex.diff, ex.in_dims)
+        ours = apply("compile_dyn", case.ours, point)
+        theirs = torch_reference("compile", case.theirs, point, case.torch_breaks)
+        _compare(ours, theirs, torch.float32, f"{name} compiled with {option}={value}")

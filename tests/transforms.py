@@ -47,7 +47,7 @@ def torch_reference(name: str, fn: Callable[..., Tensor], ex: Example, torch_bre
         if "hessian" not in torch_breaks:
             return autograd_hessian(f, xs[0])
         return finite_difference_hessian(f, xs[0])
-    if name == "compile":
+    if name in ("compile", "compile_dyn"):
         args = with_grad(ex.args, wrt)
         out = quiet_call(fn, *args, **ex.kwargs)
         grads = torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)

@@ -50,7 +50,7 @@ def deviation(case: LossCase, ex: Example) -> tuple[float, float]:
 
 def status(transform: str, fn: Callable[..., Tensor], ex: Example) -> str:
     """``ok``, ``loop`` (vmap fell back to a per-example loop) or ``fail``."""
-    if transform == "compile":
+    if transform.startswith("compile"):
         torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -86,14 +86,15 @@ def run(
     if autocast and dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"check(...): expected float16 or bfloat16 with autocast, got {dtype}.")
     torch._C._functorch._set_vmap_fallback_warning_enabled(True)  # type: ignore[attr-defined]
-    transforms = [t for t in TRANSFORMS if compile or t != "compile"]
+    transforms = [t for t in TRANSFORMS if compile or not t.startswith("compile")]
     tol = TOLERANCE[dtype]
     cases = [CASES[n] for n in names] if names else list(CASES.values())
     width = max(len(c.name) for c in cases)
     region = f", inside torch.autocast({torch.device(device).type!r}, dtype={dtype})" if autocast else ""
     print(f"funcloss check on {device}, {dtype}{region} (torch {torch.__version__})", file=out)
     print("cells: funcloss/torch; ok = works, loop = vmap falls back to a per-example loop", file=out)
-    header = f"{'loss':<{width}}  {'value dev':>9}  {'grad dev':>9}  " + "  ".join(f"{t:<10}" for t in transforms)
+    cell = max(10, *(len(t) for t in transforms))
+    header = f"{'loss':<{width}}  {'value dev':>9}  {'grad dev':>9}  " + "  ".join(f"{t:<{cell}}" for t in transforms)
     print(header, file=out)
     print("-" * len(header), file=out, flush=True)
     bad = 0
@@ -120,7 +121,7 @@ def run(
             bad += ours != "ok"
             cells.append(f"{ours}/{theirs}")
         bad += mismatch
-        row = f"{case.name:<{width}}  {devs}  " + "  ".join(f"{c:<10}" for c in cells)
+        row = f"{case.name:<{width}}  {devs}  " + "  ".join(f"{c:<{cell}}" for c in cells)
         print(row + ("  MISMATCH" if mismatch else ""), file=out, flush=True)
     compared = len(cases) - len(uncompared)
     verdict = "all match torch and pass every transform" if not bad else f"{bad} problem" + ("s" * (bad > 1))

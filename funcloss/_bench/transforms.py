@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .cases import Example
 
-TRANSFORMS = ["grad", "vmap", "vmap_grad", "jvp", "jacfwd", "jacrev", "hessian", "compile"]
+TRANSFORMS = ["grad", "vmap", "vmap_grad", "jvp", "jacfwd", "jacrev", "hessian", "compile", "compile_dyn"]
 
 
 def quiet_call(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
@@ -68,7 +68,8 @@ def apply(name: str, fn: Callable[..., Tensor], ex: Example) -> Any:
     """Run transform ``name`` of ``fn`` on ``ex``; the result's structure depends on ``name``.
 
     grad, jvp: w.r.t. every differentiable argument; jacfwd, jacrev, hessian: w.r.t. the first;
-    vmap, vmap_grad: over ``ex.in_dims``; compile: ``(value, *grads)`` of the compiled loss.
+    vmap, vmap_grad: over ``ex.in_dims``; compile (static shapes) and compile_dyn (dynamic
+    shapes): ``(value, *grads)`` of the compiled loss.
     """
     wrt = ex.diff
     if name == "grad":
@@ -89,8 +90,9 @@ def apply(name: str, fn: Callable[..., Tensor], ex: Example) -> Any:
     if name == "hessian":
         f, xs = positional(fn, ex, wrt[:1])
         return tf.hessian(f)(*xs)
-    if name == "compile":
-        compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+    if name in ("compile", "compile_dyn"):
+        # compile_dyn: dynamic shapes, and integer arguments (blank, margin p, ...) as symbols.
+        compiled = torch.compile(fn, fullgraph=True, dynamic=name == "compile_dyn")
         args = with_grad(ex.args, wrt)
         out = compiled(*args, **ex.kwargs)
         grads = torch.autograd.grad(out, [args[i] for i in wrt], allow_unused=True, materialize_grads=True)

@@ -92,12 +92,26 @@ def mse_loss(
     return weighted_reduce(d * d, weight, reduction)
 
 
-def _huber_values(d: Tensor, delta: float) -> Tensor:
+def _compiled_operand(value: float, like: Tensor) -> Tensor | float:
+    """A float option as an operand: itself in eager mode; a 0-d tensor while torch.compile
+    traces. With ``dynamic=True`` torch.compile makes a float argument symbolic, and torch
+    2.13's Inductor can then cache a graph with the first value baked into a ``clamp`` bound
+    and reuse it for every later value, silently (pytorch/pytorch#194976, fixed after 2.13).
+    Tensor operands stay inputs of the graph."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, dtype=like.dtype, device=like.device)
+    return value
+
+
+def _huber_values(d: Tensor, delta: Tensor | float) -> Tensor:
     """``c (d - c / 2)`` with ``c = clamp(d, -delta, delta)``: ``d^2 / 2`` inside the band and
     ``delta (|d| - delta / 2)`` outside, in three kernels. Inside, ``d - d / 2`` is exact, so
     the value is ``d^2 / 2`` rounded once; the derivative is ``c`` and the second derivative
     the band's indicator, as with the two-branch form."""
-    c = d.clamp(-delta, delta)
+    if isinstance(delta, Tensor):  # under torch.compile (see `_compiled_operand`)
+        c = torch.clamp(d, min=-delta, max=delta)
+    else:
+        c = d.clamp(-delta, delta)
     return c * torch.sub(d, c, alpha=0.5)
 
 
@@ -141,8 +155,8 @@ def huber_loss(
     _elementwise_weight("huber_loss", weight, input)
     if weight is None and use_fused(input, target, reduction):
         return fused_difference_loss(input, target, "huber", reduction, delta=delta)
-    x, y = input, target
-    values = _huber_values(x - y, delta)
+    d = input - target
+    values = _huber_values(d, _compiled_operand(delta, d))
     if weight is not None:
         values = values * weight
     return reduce(values, reduction)
@@ -188,7 +202,8 @@ def smooth_l1_loss(
     d = x - y
     if beta == 0.0:
         return reduce(d.abs(), reduction)
-    return reduce(_huber_values(d, beta) / beta, reduction)
+    b = _compiled_operand(beta, d)
+    return reduce(_huber_values(d, b) / b, reduction)
 
 
 @float32_under_autocast

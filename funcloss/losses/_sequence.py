@@ -116,21 +116,21 @@ def ctc_loss(
     check_values(
         lambda: (in_len >= 0) & (in_len <= steps) & (tgt_len >= 0),
         RuntimeError,
-        f"ctc_loss(...): expected 0 <= input_lengths <= {steps} and target_lengths >= 0.",
+        lambda: f"ctc_loss(...): expected 0 <= input_lengths <= {steps} and target_lengths >= 0.",
     )
     padded = _padded_targets(targets.long(), tgt_len, batch)
     width = padded.size(1)
     check_values(
         lambda: tgt_len <= width,
         RuntimeError,
-        f"ctc_loss(...): expected target_lengths <= the padded target width {width}.",
+        lambda: f"ctc_loss(...): expected target_lengths <= the padded target width {width}.",
     )
     valid = torch.arange(width, device=device) < tgt_len.unsqueeze(1)
     labels = torch.where(valid, padded, torch.full_like(padded, blank)).clamp(0, classes - 1)
     check_values(
         lambda: ~(valid & (padded == blank)),
         RuntimeError,
-        f"ctc_loss(...): expected targets other than the blank ({blank}) within target_lengths.",
+        lambda: f"ctc_loss(...): expected targets other than the blank ({blank}) within target_lengths.",
     )
     ll = _log_likelihood(log_probs, labels, in_len, tgt_len, blank)
     neg = _neg(log_probs.dtype)
