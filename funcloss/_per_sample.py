@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -95,6 +96,29 @@ def _check_model(model: nn.Module, fn: str) -> None:
             )
 
 
+@contextlib.contextmanager
+def _vmap_advice(model: nn.Module, fn: str) -> Iterator[None]:
+    """Re-raise a failure of the model's forward under ``vmap`` with advice, where the model
+    holds a fused recurrent layer: torch.func cannot batch nn.RNN, nn.GRU or nn.LSTM (their
+    flattened-weight kernels), but batches their cells."""
+    try:
+        yield
+    except RuntimeError as e:
+        rnn = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.RNNBase)), None)
+        if rnn is None:
+            raise
+        name, module = rnn
+        kind = type(module).__name__
+        cell = {"RNN": "nn.RNNCell", "GRU": "nn.GRUCell", "LSTM": "nn.LSTMCell"}.get(
+            kind, "nn.RNNCell/GRUCell/LSTMCell"
+        )
+        raise RuntimeError(
+            f"{fn}(...): expected a model torch.func.vmap can batch, got {kind} '{name}', whose fused kernel "
+            f"it cannot ({e}). Unroll the sequence with {cell} in a Python loop over time steps (the cells "
+            "batch), or compute this model's per-sample gradients with a loop."
+        ) from e
+
+
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
@@ -170,7 +194,8 @@ def per_sample_grads(
         if fast is not None:
             return fast
     loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
-    grads: Grads = per_sample_grad(loss, chunk_size=chunk_size, randomness=randomness)(params, inputs, targets)
+    with _vmap_advice(model, "per_sample_grads"):
+        grads: Grads = per_sample_grad(loss, chunk_size=chunk_size, randomness=randomness)(params, inputs, targets)
     return grads
 
 
@@ -301,12 +326,14 @@ def grad_stats(
     loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
     per_chunk = per_sample_grad(loss, randomness=randomness)
     if groups is not None:
-        return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
+        with _vmap_advice(model, "grad_stats"):
+            return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
 
     acc = _Running(params)
     chunks = list(_chunks(n, size))
     for i, rows in enumerate(chunks):
-        acc.add(per_chunk(params, inputs[rows], targets[rows]))
+        with _vmap_advice(model, "grad_stats"):
+            acc.add(per_chunk(params, inputs[rows], targets[rows]))
         if progress:
             print(f"\rgrad_stats: {rows.stop}/{n} samples ({i + 1}/{len(chunks)} chunks)", end="", file=sys.stderr)
     if progress:

@@ -541,3 +541,37 @@ def test_losses_that_do_not_reduce_to_rows_keep_the_per_sample_definition() -> N
         grads = fl.per_sample_grads(model, loss, x, targets)
         for name, v in expected.items():
             torch.testing.assert_close(grads[name], v, equal_nan=True)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cell: bool) -> None:
+        super().__init__()
+        self.cell = cell
+        self.rnn: nn.Module = nn.LSTMCell(4, 6) if cell else nn.LSTM(4, 6, batch_first=True)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.cell:
+            out: Tensor = self.fc(self.rnn(x)[0][:, -1])
+            return out
+        h = c = x.new_zeros(x.size(0), 6)
+        for t in range(x.size(1)):
+            h, c = self.rnn(x[:, t], (h, c))
+        out = self.fc(h)
+        return out
+
+
+def test_fused_recurrent_layers_are_refused_with_advice_and_cells_work() -> None:
+    """torch.func cannot batch nn.LSTM's fused kernel: the error names the layer and the cell
+    to unroll instead; the unrolled LSTMCell model matches a loop."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 4, dtype=D), torch.randint(0, 3, (5,))
+    fused = _Recurrent(cell=False).double()
+    with pytest.raises(RuntimeError, match=r"per_sample_grads.*LSTM 'rnn'.*nn\.LSTMCell"):
+        fl.per_sample_grads(fused, fl.cross_entropy, x, y)
+    with pytest.raises(RuntimeError, match=r"grad_stats.*LSTM 'rnn'.*nn\.LSTMCell"):
+        fl.grad_stats(fused, fl.cross_entropy, x, y)
+    unrolled = _Recurrent(cell=True).double()
+    ours = fl.per_sample_grads(unrolled, fl.cross_entropy, x, y)
+    for name, v in _loop(unrolled, fl.cross_entropy, x, y).items():
+        torch.testing.assert_close(ours[name], v)
