@@ -443,3 +443,28 @@ def test_fake_tensors_give_the_real_shape_and_dtype(row: Row) -> None:
             kwargs = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in ex.kwargs.items()}
             fake = quiet_call(case.ours, *args, **kwargs)
         assert (fake.shape, fake.dtype) == (real.shape, real.dtype), f"{row.name} {options}"
+
+
+# ---------------------------------------------------------------- mixed dtypes
+
+
+@pytest.mark.parametrize("name", ["huber_loss", "soft_margin_loss", "mse_loss", "l1_loss", "smooth_l1_loss"])
+def test_a_wider_target_keeps_torchs_result_dtype(name: str) -> None:
+    """A float64 target against a float32 input: the result has torch's dtype (the input's for
+    huber and soft margin, whose kernels compute in it; the wider one for the others) and
+    torch's value."""
+    x = torch.randn(6, generator=torch.Generator().manual_seed(0))
+    y = torch.randn(6, generator=torch.Generator().manual_seed(1), dtype=torch.float64).sign()
+    for reduction in ("none", "mean"):
+        ours, theirs = getattr(fl, name)(x, y, reduction=reduction), getattr(F, name)(x, y, reduction=reduction)
+        assert ours.dtype == theirs.dtype, (name, reduction)
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_linear_cross_entropy_refuses_mixed_dtypes_as_torch() -> None:
+    x, w = torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 4])
+    with pytest.raises(RuntimeError, match="dtype"):
+        F.linear_cross_entropy(x, w, y) if hasattr(F, "linear_cross_entropy") else F.linear(x, w)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fl.linear_cross_entropy(x, w, y)

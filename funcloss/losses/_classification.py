@@ -333,9 +333,12 @@ def _amp_dtypes(
     """The chunked path's ``(matmul dtype, softmax dtype)``: the input's dtype for both outside
     autocast; under autocast for ``amp``, torch's policy for ``cross_entropy(linear(...))``
     (the logits in autocast's dtype, the cross-entropy in float32). None where autocast would
-    leave a tensor uncast (float64), which the plain composition handles."""
+    leave a tensor uncast (float64), or where dtypes differ outside autocast: the plain
+    composition handles (or refuses) those as torch does."""
     if amp is None:
-        return input.dtype, input.dtype
+        # Mixed dtypes outside autocast: the composition raises torch's error.
+        same = linear_weight.dtype == input.dtype and (linear_bias is None or linear_bias.dtype == input.dtype)
+        return (input.dtype, input.dtype) if same else None
     tensors = (input, linear_weight) if linear_bias is None else (input, linear_weight, linear_bias)
     if any(t.dtype not in _AMP_DTYPES for t in tensors):
         return None

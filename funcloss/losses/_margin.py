@@ -41,7 +41,9 @@ def soft_margin_loss(
             f"soft_margin_loss(...): expected a target broadcastable to the input's shape "
             f"{tuple(input.shape)}, got {tuple(target.shape)}."
         )
-    return reduce(F.softplus(-input * target), reduction)
+    values = F.softplus(-input * target)
+    # torch's kernel returns the input's dtype whatever the target's.
+    return reduce(values if values.dtype == input.dtype else values.to(input.dtype), reduction)
 
 
 @float32_under_autocast

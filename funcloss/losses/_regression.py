@@ -159,7 +159,8 @@ def huber_loss(
     values = _huber_values(d, _compiled_operand(delta, d))
     if weight is not None:
         values = values * weight
-    return reduce(values, reduction)
+    # torch's kernel returns the input's dtype whatever the target's.
+    return reduce(values if values.dtype == input.dtype else values.to(input.dtype), reduction)
 
 
 @float32_under_autocast
