@@ -101,6 +101,7 @@ def test_class_weight_gradient_at_every_size(rows: int) -> None:
     picked = x.log_softmax(1)[torch.arange(rows), y]
     expected = torch.autograd.grad(-(w[y] * picked).sum() / w[y].sum(), (x, w))
     torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(fl.nll_loss(x.log_softmax(1), y, w), (x, w)), expected)
 
 
 def test_batch_of_one_weights_cancel() -> None:
