@@ -461,6 +461,21 @@ def test_a_wider_target_keeps_torchs_result_dtype(name: str) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("target_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("option", ["plain", "weight", "pos_weight"])
+def test_bce_with_logits_returns_the_targets_dtype(target_dtype: torch.dtype, option: str) -> None:
+    """torch's BCE-with-logits works in place on ``1 - target``: its result has the target's
+    dtype whatever the input's (float32 here)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, generator=gen), torch.rand(6, generator=gen).to(target_dtype)
+    kwargs: dict[str, Any] = {} if option == "plain" else {option: torch.rand(6, generator=gen) + 0.5}
+    for reduction in ("none", "mean"):
+        ours = fl.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kwargs)
+        theirs = F.binary_cross_entropy_with_logits(x, y, reduction=reduction, **kwargs)
+        assert ours.dtype == theirs.dtype == target_dtype
+        torch.testing.assert_close(ours, theirs, rtol=1e-2, atol=1e-3)
+
+
 def test_linear_cross_entropy_refuses_mixed_dtypes_as_torch() -> None:
     x, w = torch.randn(4, 3), torch.randn(5, 3, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 4])

@@ -143,6 +143,8 @@ def binary_cross_entropy_with_logits(
         values = (1 - target) * input - ((pos_weight - 1) * target + 1) * log_sig
     if weight is not None:
         values = values * weight
+    if values.dtype != target.dtype and target.is_floating_point():
+        values = values.to(target.dtype)  # torch computes in place on 1 - target: its dtype
     return reduce(values, reduction)
 
 
