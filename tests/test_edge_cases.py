@@ -483,3 +483,41 @@ def test_linear_cross_entropy_refuses_mixed_dtypes_as_torch() -> None:
         F.linear_cross_entropy(x, w, y) if hasattr(F, "linear_cross_entropy") else F.linear(x, w)
     with pytest.raises(RuntimeError, match="dtype"):
         fl.linear_cross_entropy(x, w, y)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float64, torch.float16], ids=str)
+def test_weights_of_another_dtype_as_torch(weight_dtype: torch.dtype) -> None:
+    """A weight of another dtype than a float32 input: the class-index losses refuse it with
+    torch's exception class (their kernels take no other dtype); linear_cross_entropy refuses it
+    on torch's default path and casts it given options, as torch's chunked path does; the
+    elementwise weights give torch's result dtype (BCE weighs in the input's dtype, huber
+    promotes)."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 5, generator=gen), torch.tensor([0, 4, 2, 1])
+    cw = torch.rand(5, generator=gen).to(weight_dtype)
+    for name in ("cross_entropy", "nll_loss", "multi_margin_loss"):
+        with pytest.raises(RuntimeError):
+            getattr(F, name)(x, y, weight=cw)
+        with pytest.raises(RuntimeError, match="dtype"):
+            getattr(fl, name)(x, y, weight=cw)
+    q = torch.softmax(torch.randn(4, 5, generator=gen), 1)  # probabilities: torch promotes
+    ours, theirs = fl.cross_entropy(x, q, cw), F.cross_entropy(x, q, cw)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs)
+
+    h, lw = torch.randn(4, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fl.linear_cross_entropy(h, lw, y, weight=cw)
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        options = torch.nn.LinearCrossEntropyOptions()
+        ours = fl.linear_cross_entropy(h, lw, y, weight=cw, options=options)
+        theirs = F.linear_cross_entropy(h, lw, y, weight=cw, options=options)
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs)
+
+    p, t = torch.rand(4, 5, generator=gen) * 0.9 + 0.05, torch.rand(4, 5, generator=gen)
+    ew = torch.rand(4, 5, generator=gen).to(weight_dtype)
+    for name, a, b in (("binary_cross_entropy", p, t), ("huber_loss", x, t)):
+        ours, theirs = getattr(fl, name)(a, b, weight=ew), getattr(F, name)(a, b, weight=ew)
+        assert ours.dtype == theirs.dtype, name
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)

@@ -47,11 +47,18 @@ def _check_index_target(fn: str, input_shape: tuple[int, ...], target: Tensor, c
         raise RuntimeError(f"{fn}(...): expected target size {list(expected)}, got {list(target.shape)}.")
 
 
-def _check_class_weight(fn: str, weight: Tensor | None, classes: int) -> None:
+def _check_class_weight(fn: str, weight: Tensor | None, classes: int, dtype: torch.dtype | None = None) -> None:
+    """The ``(C,)`` shape; with ``dtype`` (class-index targets, whose torch kernels take no
+    other), the dtype too."""
     if weight is not None and (weight.dim() != 1 or weight.numel() != classes):
         raise RuntimeError(
             f"{fn}(...): expected a weight tensor of shape ({classes},), one per class, got "
             f"{tuple(weight.shape)}. weight tensor should be defined either for all {classes} classes or no classes."
+        )
+    if weight is not None and dtype is not None and weight.dtype != dtype:
+        raise RuntimeError(
+            f"{fn}(...): expected a class weight of the scores' dtype {dtype}, got {weight.dtype}. "
+            f"Convert it with weight.to({dtype})."
         )
 
 
@@ -186,7 +193,7 @@ def nll_loss(
     class_dim = _class_dim("nll_loss", input)
     classes = input.size(class_dim)
     _check_index_target("nll_loss", tuple(input.shape), target, class_dim)
-    _check_class_weight("nll_loss", weight, classes)
+    _check_class_weight("nll_loss", weight, classes, input.dtype)
     target = target.long()
     if _check_in_range(target, classes, ignore_index) and weight is None:
         return reduce(-_pick(input, target, class_dim), reduction)  # nothing ignored: a plain mean
@@ -251,7 +258,7 @@ def cross_entropy(
         )
     class_dim = _class_dim("cross_entropy", input)
     classes = input.size(class_dim)
-    _check_class_weight("cross_entropy", weight, classes)
+    _check_class_weight("cross_entropy", weight, classes, None if target.is_floating_point() else input.dtype)
     if reduction != "none" and _total_path(input, target, weight):
         # The training case: the gradient is formed in the forward (one (N, C) buffer).
         _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
@@ -843,14 +850,18 @@ def linear_cross_entropy(
         raise RuntimeError(f"linear_cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}.")
     _check_index_target("linear_cross_entropy", logits_shape, target, 1)
     _check_class_weight("linear_cross_entropy", weight, classes)
+    mm, acc = dtypes
+    if amp is not None and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
+        weight = weight.float()  # as cross_entropy's float32 autocast policy casts it
+    if options is None:  # torch's reference path (its default) takes no other class-weight dtype
+        _check_class_weight("linear_cross_entropy", weight, classes, acc)
+    elif weight is not None:  # its chunked path (given options) casts the weight
+        weight = weight.to(acc)
     target = target.long()
     _check_in_range(target, classes, index)
     keep = target != index
     safe = torch.where(keep, target, 0)
     chunk = _rows_per_chunk(options, chunk_size, input, classes)
-    mm, acc = dtypes
-    if amp is not None and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):
-        weight = weight.float()  # as cross_entropy's float32 autocast policy casts it
     with contextlib.nullcontext() if amp is None else _autocast_off(amp):
         if reduction != "none":
             total: Tensor = _ChunkedLinearCETotal.apply(  # type: ignore[no-untyped-call]

@@ -153,6 +153,11 @@ def multi_margin_loss(
             f"multi_margin_loss(...): expected a one-dimensional weight (C,), got shape {tuple(weight.shape)}. "
             "weight must be one-dimensional."
         )
+    if weight is not None and weight.dtype != input.dtype:
+        raise RuntimeError(
+            f"multi_margin_loss(...): expected a weight of the input's dtype {input.dtype}, got {weight.dtype}. "
+            f"Convert it with weight.to({input.dtype})."
+        )
     target, classes = _check_index_classes("multi_margin_loss", input, target)
     expected_target = input.shape[:-1]
     if tuple(target.shape) != tuple(expected_target):

@@ -105,6 +105,8 @@ def binary_cross_entropy(
         values = -torch.lerp(logs[1], logs[0], target)
     if weight is not None:
         values = values * weight
+        if values.dtype != input.dtype:
+            values = values.to(input.dtype)  # torch's kernel weighs in the input's dtype
     return reduce(values, reduction)
 
 

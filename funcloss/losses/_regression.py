@@ -157,10 +157,11 @@ def huber_loss(
         return fused_difference_loss(input, target, "huber", reduction, delta=delta)
     d = input - target
     values = _huber_values(d, _compiled_operand(delta, d))
+    if values.dtype != input.dtype:
+        values = values.to(input.dtype)  # torch's kernel computes in the input's dtype
     if weight is not None:
-        values = values * weight
-    # torch's kernel returns the input's dtype whatever the target's.
-    return reduce(values if values.dtype == input.dtype else values.to(input.dtype), reduction)
+        values = values * weight  # then weighs, with type promotion
+    return reduce(values, reduction)
 
 
 @float32_under_autocast
