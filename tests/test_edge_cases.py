@@ -521,3 +521,50 @@ def test_weights_of_another_dtype_as_torch(weight_dtype: torch.dtype) -> None:
         ours, theirs = getattr(fl, name)(a, b, weight=ew), getattr(F, name)(a, b, weight=ew)
         assert ours.dtype == theirs.dtype, name
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------- target shapes torch accepts or refuses
+
+
+@pytest.mark.parametrize("name", ["nll_loss", "cross_entropy"])
+def test_unbatched_input_takes_a_one_element_target(name: str) -> None:
+    """torch accepts a ``(1,)`` target for an unbatched ``(C,)`` input (a scalar loss) and
+    refuses a longer one with ValueError; a scalar input is an IndexError for cross_entropy."""
+    x = torch.randn(5, generator=torch.Generator().manual_seed(0)).log_softmax(0).requires_grad_()
+    for reduction in ("none", "mean", "sum"):
+        for target in (torch.tensor([3]), torch.tensor([-100])):
+            ours = getattr(fl, name)(x, target, reduction=reduction)
+            theirs = getattr(F, name)(x, target, reduction=reduction)
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs, equal_nan=True)
+    with pytest.raises(ValueError, match="1D target must have size 1"):
+        getattr(fl, name)(x, torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="1D target must have size 1"):
+        getattr(F, name)(x, torch.tensor([1, 2]))
+    with pytest.raises(IndexError if name == "cross_entropy" else ValueError, match="dimension"):
+        getattr(fl, name)(x[0], torch.tensor(0))
+
+
+def test_ctc_target_shapes_as_torch() -> None:
+    """Concatenated targets must hold exactly sum(target_lengths) entries (else they would be
+    read past their end); targets of other dimensionality and scalar log-probs are refused
+    with torch's exception classes."""
+    gen = torch.Generator().manual_seed(0)
+    lp = torch.randn(6, 3, 5, generator=gen).log_softmax(-1)
+    t = torch.randint(1, 5, (3, 3), generator=gen)
+    il, tl = torch.full((3,), 6), torch.full((3,), 3)
+    for bad in (t.reshape(-1)[:5], torch.cat([t.reshape(-1), t.reshape(-1)])):
+        with pytest.raises(RuntimeError):
+            F.ctc_loss(lp, bad, il, tl)
+        with pytest.raises(RuntimeError, match="sum\\(target_lengths\\) = 9"):
+            fl.ctc_loss(lp, bad, il, tl)
+    torch.testing.assert_close(fl.ctc_loss(lp, t.reshape(-1), il, tl), F.ctc_loss(lp, t.reshape(-1), il, tl))
+    for bad in (t[..., None], t[0, 0]):
+        with pytest.raises(RuntimeError):
+            F.ctc_loss(lp, bad, il, tl)
+        with pytest.raises(RuntimeError, match="expected targets"):
+            fl.ctc_loss(lp, bad, il, tl)
+    with pytest.raises(IndexError):
+        F.ctc_loss(lp[0, 0, 0], t, il, tl)
+    with pytest.raises(IndexError, match="expected log_probs"):
+        fl.ctc_loss(lp[0, 0, 0], t, il, tl)

@@ -21,30 +21,40 @@ from .._combinators import reduce
 from .._typing import Reduction
 
 
-def _class_dim(fn: str, input: Tensor) -> int:
+def _class_dim(fn: str, input: Tensor, exc: type[Exception] = ValueError) -> int:
     if input.dim() == 0:
-        raise ValueError(f"{fn}(...): expected input with 1 or more dimensions (C,) or (N, C, ...), got a scalar.")
+        raise exc(f"{fn}(...): expected input with 1 or more dimensions (C,) or (N, C, ...), got a scalar.")
     return 0 if input.dim() == 1 else 1
 
 
-def _check_index_target(fn: str, input_shape: tuple[int, ...], target: Tensor, class_dim: int) -> None:
+def _check_index_target(fn: str, input_shape: tuple[int, ...], target: Tensor, class_dim: int) -> Tensor:
+    """Check class-index targets against the scores' shape; returns them, an unbatched
+    input's one-element ``(1,)`` target (which torch accepts) as a scalar."""
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError(
             f"{fn}(...): expected target dtype to be Long or Byte (class indices), got {target.dtype}. "
             "Convert with target.long(); for class probabilities pass a float target of the input's shape."
         )
     if class_dim == 0:
+        if target.dim() == 1 and target.size(0) == 1:
+            return target.reshape(())
+        if target.dim() == 1:
+            raise ValueError(
+                f"{fn}(...): expected a scalar (or one-element) target for unbatched input {input_shape}, got "
+                f"{tuple(target.shape)}. For 1D input, 1D target must have size 1."
+            )
         if target.dim() != 0:
             raise RuntimeError(
                 f"{fn}(...): expected a 0-dim target for unbatched input {input_shape}, got {tuple(target.shape)}."
             )
-        return
+        return target
     if target.dim() == 0 or target.size(0) != input_shape[0]:
         got = target.size(0) if target.dim() else "a scalar"
         raise ValueError(f"{fn}(...): expected input batch_size ({input_shape[0]}) to match target batch_size ({got}).")
     expected = (input_shape[0], *input_shape[2:])
     if tuple(target.shape) != expected:
         raise RuntimeError(f"{fn}(...): expected target size {list(expected)}, got {list(target.shape)}.")
+    return target
 
 
 def _check_class_weight(fn: str, weight: Tensor | None, classes: int, dtype: torch.dtype | None = None) -> None:
@@ -192,7 +202,7 @@ def nll_loss(
     check_reduction("nll_loss", reduction)
     class_dim = _class_dim("nll_loss", input)
     classes = input.size(class_dim)
-    _check_index_target("nll_loss", tuple(input.shape), target, class_dim)
+    target = _check_index_target("nll_loss", tuple(input.shape), target, class_dim)
     _check_class_weight("nll_loss", weight, classes, input.dtype)
     target = target.long()
     if _check_in_range(target, classes, ignore_index) and weight is None:
@@ -256,12 +266,12 @@ def cross_entropy(
             f"cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}. "
             "label_smoothing must be between 0.0 and 1.0."
         )
-    class_dim = _class_dim("cross_entropy", input)
+    class_dim = _class_dim("cross_entropy", input, IndexError)  # torch: a dimension out of range
     classes = input.size(class_dim)
     _check_class_weight("cross_entropy", weight, classes, None if target.is_floating_point() else input.dtype)
     if reduction != "none" and _total_path(input, target, weight):
         # The training case: the gradient is formed in the forward (one (N, C) buffer).
-        _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
+        target = _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
         target = target.long()
         _check_in_range(target, classes, ignore_index)
         keep = target != ignore_index
@@ -272,7 +282,7 @@ def cross_entropy(
     logp = torch.log_softmax(input, dim=class_dim)
     if target.shape == input.shape:
         return _cross_entropy_probs(logp, target, weight, ignore_index, reduction, label_smoothing, class_dim)
-    _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
+    target = _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
     target = target.long()
     if _check_in_range(target, classes, ignore_index) and weight is None and label_smoothing == 0.0:
         return reduce(-_pick(logp, target, class_dim), reduction)  # nothing ignored: a plain mean
@@ -848,7 +858,7 @@ def linear_cross_entropy(
         )
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(f"linear_cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}.")
-    _check_index_target("linear_cross_entropy", logits_shape, target, 1)
+    target = _check_index_target("linear_cross_entropy", logits_shape, target, 1)
     _check_class_weight("linear_cross_entropy", weight, classes)
     mm, acc = dtypes
     if amp is not None and weight is not None and weight.dtype in (torch.float16, torch.bfloat16):

@@ -94,7 +94,13 @@ def ctc_loss(
     """
     check_reduction("ctc_loss", reduction)
     if log_probs.dim() not in (2, 3):
-        raise RuntimeError(f"ctc_loss(...): expected log_probs (T, N, C) or (T, C), got {tuple(log_probs.shape)}.")
+        raise (IndexError if log_probs.dim() == 0 else RuntimeError)(
+            f"ctc_loss(...): expected log_probs (T, N, C) or (T, C), got {tuple(log_probs.shape)}."
+        )
+    if targets.dim() not in (1, 2):
+        raise RuntimeError(
+            f"ctc_loss(...): expected targets (N, S) padded or 1-D concatenated, got {tuple(targets.shape)}."
+        )
     device = log_probs.device
     in_len = _as_lengths("ctc_loss", "input_lengths", input_lengths, device)
     tgt_len = _as_lengths("ctc_loss", "target_lengths", target_lengths, device)
@@ -118,6 +124,15 @@ def ctc_loss(
         RuntimeError,
         lambda: f"ctc_loss(...): expected 0 <= input_lengths <= {steps} and target_lengths >= 0.",
     )
+    if targets.dim() == 1:
+        check_values(
+            lambda: tgt_len.sum() == targets.numel(),
+            RuntimeError,
+            lambda: (
+                f"ctc_loss(...): expected concatenated targets with sum(target_lengths) = {int(tgt_len.sum())} "
+                f"elements, got {targets.numel()}."
+            ),
+        )
     padded = _padded_targets(targets.long(), tgt_len, batch)
     width = padded.size(1)
     check_values(
