@@ -568,3 +568,45 @@ def test_ctc_target_shapes_as_torch() -> None:
         F.ctc_loss(lp[0, 0, 0], t, il, tl)
     with pytest.raises(IndexError, match="expected log_probs"):
         fl.ctc_loss(lp[0, 0, 0], t, il, tl)
+
+
+# ---------------------------------------------------------------- non-finite and out-of-range values
+
+
+def test_gaussian_nan_and_infinite_variance_as_torch() -> None:
+    """A NaN variance is not a negative one: no error, NaN where it is (torch's check is
+    ``var < 0``). An infinite variance gives an infinite loss, not inf - inf = NaN."""
+    x = torch.randn(4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    y = torch.zeros(4)
+    var = torch.tensor([float("nan"), 1e-9, 2.0, float("inf")], requires_grad=True)
+    ours = fl.gaussian_nll_loss(x, y, var, reduction="none")
+    theirs = F.gaussian_nll_loss(x, y, var, reduction="none")
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    finite = torch.isfinite(theirs)
+    for g, h in zip(
+        torch.autograd.grad(ours[finite].sum(), (x, var)), torch.autograd.grad(theirs[finite].sum(), (x, var))
+    ):
+        torch.testing.assert_close(g, h, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, float("nan"), float("inf")])
+def test_bce_refuses_a_target_outside_0_1_as_torch(bad: float) -> None:
+    p = torch.full((3,), 0.5)
+    y = torch.tensor([0.0, 1.0, bad])
+    with pytest.raises(RuntimeError, match="target should be between 0 and 1"):
+        F.binary_cross_entropy(p, y)
+    with pytest.raises(RuntimeError, match="target should be between 0 and 1"):
+        fl.binary_cross_entropy(p, y)
+
+
+@pytest.mark.parametrize("score", [float("inf"), -float("inf")])
+def test_multi_margin_infinite_target_score_as_torch(score: float) -> None:
+    """The target's own difference is an exact 0 (not inf - inf): an infinite target score
+    gives torch's value (every hinge 0 at +inf, infinite at -inf)."""
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([1, 0, 3])
+    x[0, 1] = score
+    for p in (1, 2):
+        torch.testing.assert_close(
+            fl.multi_margin_loss(x, y, p=p, reduction="none"), F.multi_margin_loss(x, y, p=p, reduction="none")
+        )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import float32_under_autocast
-from .._checks import broadcast_shape, check_range, check_reduction
+from .._checks import broadcast_shape, check_range, check_reduction, is_eager
 from .._combinators import reduce
 from .._typing import Reduction
 
@@ -173,11 +173,16 @@ def multi_margin_loss(
         f"multi_margin_loss(...): expected targets in [0, {classes - 1}], got one out of range. target out of range.",
         on_device="skip",
     )
-    # z over every class, the target's own included: there (x_y - x_y) + margin is exactly
-    # margin, and its derivative exactly 0, so its term relu(margin)^p is subtracted instead of
-    # masked (fewer kernels, which is what vmap pays for).
-    x_y = input.gather(-1, target.unsqueeze(-1))
-    z = torch.relu((input - x_y) + margin)
+    # z over every class, the target's own included, with its difference x_y - x_y written as
+    # an exact 0 (an infinite x_y would give inf - inf = NaN there): its term relu(margin)^p,
+    # whose derivative is 0, is subtracted instead of masked (fewer kernels, which is what
+    # vmap pays for).
+    index = target.unsqueeze(-1)
+    x_y = input.gather(-1, index)
+    diff = input - x_y
+    # In place in eager mode (no second (N, C) buffer); vmap has no rule for the in-place form.
+    diff = diff.scatter_(-1, index, 0.0) if is_eager() else diff.scatter(-1, index, 0.0)
+    z = torch.relu(diff + margin)
     h = z if p == 1 else z * z
     values = h.mean(-1) - max(margin, 0.0) ** p / classes
     if weight is not None:

@@ -82,8 +82,10 @@ def binary_cross_entropy(
     if is_eager() and input.numel() and on_accelerator(input):
         # As torch's kernel does there: a device-side assertion, no host synchronisation (and
         # so no knowledge of whether the clamps can act: the clamped path is taken).
-        inside = (input.detach() >= 0) & (input.detach() <= 1)
-        torch._assert_async(inside.all(), "binary_cross_entropy(...): expected all elements of input in [0, 1].")
+        inside = (input.detach() >= 0) & (input.detach() <= 1) & (target.detach() >= 0) & (target.detach() <= 1)
+        torch._assert_async(
+            inside.all(), "binary_cross_entropy(...): expected all elements of input and target in [0, 1]."
+        )
     elif is_eager() and input.numel():
         # One pass for the range check; the same min/max say whether torch's clamps can act.
         low, high = torch.stack(list(torch.aminmax(input.detach()))).double().tolist()
@@ -91,6 +93,12 @@ def binary_cross_entropy(
             raise RuntimeError(
                 "binary_cross_entropy(...): expected all elements of input to be between 0 and 1, got values "
                 f"in [{low}, {high}]. Apply sigmoid, or use binary_cross_entropy_with_logits on logits."
+            )
+        t_low, t_high = torch.stack(list(torch.aminmax(target.detach()))).double().tolist()
+        if not (t_low >= 0.0 and t_high <= 1.0):
+            raise RuntimeError(
+                "binary_cross_entropy(...): expected all elements of target to be between 0 and 1 (probabilities "
+                f"or labels), got values in [{t_low}, {t_high}]. all elements of target should be between 0 and 1."
             )
         interior = low >= _GRAD_FLOOR and 1.0 - high >= _GRAD_FLOOR
     if interior and weight is None and use_fused(input, target, reduction):

@@ -259,7 +259,7 @@ def _gaussian_var(input: Tensor, var: Tensor | float) -> Tensor:
     if not isinstance(var, Tensor):
         raise TypeError(f"gaussian_nll_loss(...): expected var to be a Tensor or float, got {type(var).__name__}.")
     check_values(
-        lambda: var >= 0,
+        lambda: ~(var < 0),  # NaN passes, as in torch (and propagates)
         ValueError,
         "gaussian_nll_loss(...): expected every var >= 0, got a negative entry. "
         "var has negative entry/entries. Pass a variance (e.g. softplus of a raw output).",
@@ -313,7 +313,9 @@ def gaussian_nll_loss(
     """
     check_reduction("gaussian_nll_loss", reduction)
     v = _gaussian_var(input, var)
-    v = v.clamp(min=eps).detach() + (v - v.detach())
+    # Below eps the value is eps and the gradient passes through as if unclamped (torch clamps
+    # in place under no_grad); an infinite variance stays infinite (no inf - inf).
+    v = torch.where(v < eps, (v - v.detach()) + eps, v)
     d = input - target
     values = 0.5 * (torch.log(v) + d * d / v)
     if full:
