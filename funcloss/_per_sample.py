@@ -119,10 +119,13 @@ def _vmap_advice(model: nn.Module, fn: str) -> Iterator[None]:
         ) from e
 
 
-def _trainable(model: nn.Module) -> dict[str, Tensor]:
+def _trainable(model: nn.Module, fn: str) -> dict[str, Tensor]:
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
-        raise ValueError(f"expected a model with trainable parameters, got {type(model).__name__} with none.")
+        raise ValueError(
+            f"{fn}(...): expected a model with trainable parameters, got {type(model).__name__} with none "
+            "(every parameter has requires_grad=False)."
+        )
     return params
 
 
@@ -185,7 +188,7 @@ def per_sample_grads(
     _check_model(model, "per_sample_grads")
     if method not in ("auto", "vmap"):
         raise ValueError(f"per_sample_grads(...): expected method 'auto' or 'vmap', got {method!r}.")
-    params = _trainable(model)
+    params = _trainable(model, "per_sample_grads")
     if method == "auto" and randomness == "different":
         from ._moments import layer_grads
 
@@ -300,7 +303,7 @@ def grad_stats(
     n = inputs.size(0)
     if n == 0:
         raise ValueError("grad_stats(...): expected at least one sample, got an empty batch.")
-    params = _trainable(model)
+    params = _trainable(model, "grad_stats")
     if chunk_size is None:
         # Per sample: P gradient elements, and activations taken as 16 times the input.
         per_sample = sum(p.numel() for p in params.values()) + 16 * inputs[0].numel()

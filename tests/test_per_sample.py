@@ -198,6 +198,11 @@ def test_bad_batches_are_refused() -> None:
         fl.per_sample_grads(model, fl.cross_entropy, x, y[:3])
     with pytest.raises(ValueError, match="integer groups"):
         fl.grad_stats(model, fl.cross_entropy, x, y, groups=torch.zeros(11))
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"per_sample_grads\(...\): expected a model with trainable parameters"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y)
+    with pytest.raises(ValueError, match=r"grad_stats\(...\): expected a model with trainable parameters"):
+        fl.grad_stats(model, fl.cross_entropy, x, y)
 
 
 def test_per_sample_grad_transform_on_a_params_dict() -> None:
