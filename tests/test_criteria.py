@@ -281,6 +281,21 @@ def test_criterion_wraps_any_function() -> None:
         fnn.Criterion("mse")  # type: ignore[arg-type]
 
 
+def test_criterion_checks_its_options_at_construction() -> None:
+    """As the named criteria do: an option the loss does not take, or a reduction outside its
+    ``Literal``, fails when the criterion is built, not at its first call. Functions taking
+    ``**kwargs`` (combinators) accept any option."""
+    with pytest.raises(TypeError, match=r"options that mse_loss takes \(input, target, reduction, weight\), got foo"):
+        fnn.Criterion(fl.mse_loss, foo=1)
+    with pytest.raises(ValueError, match=r"'none', 'mean', 'sum', 'batchmean'.*got 'avg'"):
+        fnn.Criterion(fl.kl_div, reduction="avg")
+    with pytest.raises(ValueError, match="got 'batchmean'"):
+        fnn.Criterion(fl.mse_loss, reduction="batchmean")
+    assert fnn.Criterion(fl.kl_div, reduction="batchmean").options == {"reduction": "batchmean"}
+    assert fnn.Criterion(functools.partial(fl.huber_loss, delta=2.0), reduction="sum").options["reduction"] == "sum"
+    fnn.Criterion(fl.loss_sum({"a": fl.mse_loss}), reduction="sum")
+
+
 def test_criterion_buffers_move_and_swap() -> None:
     crit = fnn.Criterion(fl.cross_entropy, weight=torch.tensor([1.0, 3.0]))
     crit = crit.to(torch.float64)

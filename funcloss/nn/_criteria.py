@@ -7,7 +7,9 @@ buffers and parameters under the same names, and calls the funcloss function in 
 
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -621,6 +623,37 @@ class AdaptiveLogSoftmaxWithLoss(nn.Module):
         return self.log_prob(input).argmax(dim=-1)
 
 
+def _check_options(loss_fn: Callable[..., Tensor], options: dict[str, Any]) -> None:
+    """At construction, as the named criteria do: option names the loss does not take (unless
+    it takes ``**kwargs``), and a ``reduction`` outside the values its ``Literal`` annotation
+    allows."""
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    try:
+        parameters = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin, say)
+        return
+    kinds = {p.kind for p in parameters.values()}
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        taken = [k for k, p in parameters.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+        unknown = [k for k in options if k not in taken]
+        if unknown:
+            raise TypeError(
+                f"Criterion(...): expected options that {name} takes ({', '.join(taken)}), got {', '.join(unknown)}."
+            )
+    if isinstance(options.get("reduction"), str):
+        try:
+            hint = typing.get_type_hints(loss_fn).get("reduction")
+        except Exception:  # unresolvable annotations: leave the check to the call
+            return
+        allowed = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+        reduction = options["reduction"]
+        if allowed and reduction not in allowed:
+            raise ValueError(
+                f"Criterion(...): expected a reduction {name} takes ({', '.join(map(repr, allowed))}), got "
+                f"{reduction!r}. {reduction} is not a valid value for reduction."
+            )
+
+
 class Criterion(nn.Module):
     """Any functional loss as a criterion: ``Criterion(loss_fn, **options)``.
 
@@ -641,6 +674,7 @@ class Criterion(nn.Module):
         super().__init__()
         if not callable(loss_fn):
             raise TypeError(f"Criterion(...): expected a callable loss, got {type(loss_fn).__name__}.")
+        _check_options(loss_fn, options)
         self.loss_fn = loss_fn
         self._buffer_options: list[str] = []
         self._plain_options: dict[str, Any] = {}
