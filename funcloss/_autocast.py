@@ -25,6 +25,8 @@ _LOW = (torch.float16, torch.bfloat16)
 
 def autocast_device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """The device type of the first tensor argument if autocast is enabled for it, else None."""
+    if not torch._C._is_any_autocast_enabled():  # the common case, without touching a tensor
+        return None
     for a in (*args, *kwargs.values()):
         if isinstance(a, Tensor):
             device = a.device.type
