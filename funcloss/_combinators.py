@@ -46,6 +46,13 @@ __all__ = [
 # --------------------------------------------------------------------------- tensor level
 
 
+def class_values(weight: Tensor, target: Tensor) -> Tensor:
+    """``weight[target]`` for a ``(C,)`` weight and class indices of any shape, as one
+    ``index_select``: indexing with a 0-dim index (one example's target under ``vmap``) would
+    read the index's value, which vmap cannot."""
+    return weight.index_select(0, target.reshape(-1)).reshape(target.shape)
+
+
 def reduce(values: Tensor, reduction: Reduction = "mean") -> Tensor:
     """Reduce unreduced loss values: ``"none"`` returns them, ``"sum"`` sums, ``"mean"`` averages.
 
@@ -165,7 +172,7 @@ def _expand_weight(fn: str, weight: Tensor, by: WeightBy, values: Tensor, target
             raise ValueError(f"{fn}(...): expected a 1-D per-class weight of shape (C,), got {tuple(weight.shape)}.")
         if target.is_floating_point():
             target = target.long()
-        return weight[target]
+        return class_values(weight, target)
     raise ValueError(f"{fn}(...): expected by to be 'element', 'sample' or 'class', got {by!r}.")
 
 

@@ -61,6 +61,15 @@ def test_weighted_by_class_is_torch_class_weighted_mean() -> None:
     ours = fl.weighted(nll_none, w, by="class", reduction="mean")(logits, target)
     torch.testing.assert_close(ours, F.cross_entropy(logits, target, weight=w))
 
+    # Per example under vmap(grad): one example's target is 0-dim, and gathering the class
+    # weight with it must not read its value.
+    def one(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return fl.weighted(functools.partial(fl.cross_entropy, reduction="none"), w, by="class", reduction="sum")(x, t)
+
+    grads = tf.vmap(tf.grad(one))(logits, target)
+    loop = torch.stack([tf.grad(F.cross_entropy)(logits[i], target[i]) * w[target[i]] for i in range(6)])
+    torch.testing.assert_close(grads, loop)
+
 
 def test_weighted_rejects_bad_weight_shapes(xy: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = xy

@@ -109,3 +109,23 @@ def test_compiled_float_options_follow_each_value(
         ours = apply("compile_dyn", case.ours, point)
         theirs = torch_reference("compile", case.theirs, point, case.torch_breaks)
         _compare(ours, theirs, torch.float32, f"{name} compiled with {option}={value}")
+
+
+@pytest.mark.parametrize("transform", ["vmap", "vmap_grad", "jvp", "hessian"])
+@pytest.mark.parametrize("row", [r for r in rows() if "weight" in r.values[0].case.options])
+def test_transform_with_weights(row: Row, transform: str) -> None:
+    """The matrix again with each loss's weight option on: a class weight indexed by one
+    example's 0-dim target must not read the target's value (vmap cannot)."""
+    case = row.case
+    ex = case.make(Sampler(7, torch.float64, "cpu"), {**case.defaults(), "weight": True})
+    if transform.startswith("vmap") and ex.in_dims is None:
+        pytest.skip("this example has no batch dimension")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*reduction.*'mean' divides.*")
+        warnings.filterwarnings("error", message=".*performance drop.*")
+        ours = apply(transform, case.ours, ex)
+    theirs = torch_reference(transform, case.theirs, ex, case.torch_breaks)
+    if transform == "hessian" and "hessian" in case.torch_breaks:
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    else:
+        _compare(ours, theirs, torch.float64, f"{row.name} with weights under {transform}")

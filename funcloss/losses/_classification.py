@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch 
     from torch.nn import LinearCrossEntropyOptions
 
 from .._checks import check_reduction, has_tangent, is_eager, on_accelerator
-from .._combinators import reduce
+from .._combinators import class_values, reduce
 from .._typing import Reduction
 
 
@@ -152,7 +152,7 @@ def _picked(
     safe = torch.where(keep, target, 0)
     picked = _pick(logp, safe, class_dim)
     kept = keep.to(logp.dtype)
-    w = kept if weight is None else weight[safe] * kept
+    w = kept if weight is None else class_values(weight, safe) * kept
     return -picked * w, w, keep
 
 
@@ -894,7 +894,7 @@ def linear_cross_entropy(
         )
     nll, smooth, _ = per_row
     kept = keep.to(acc)
-    values = nll * (kept if weight is None else weight[safe] * kept)
+    values = nll * (kept if weight is None else class_values(weight, safe) * kept)
     if label_smoothing == 0.0:
         return values
     return (1 - label_smoothing) * values + (smooth * kept) * (label_smoothing / classes)

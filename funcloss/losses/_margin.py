@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._autocast import float32_under_autocast
 from .._checks import broadcast_shape, check_range, check_reduction, is_eager
-from .._combinators import reduce
+from .._combinators import class_values, reduce
 from .._typing import Reduction
 
 
@@ -186,7 +186,7 @@ def multi_margin_loss(
     h = z if p == 1 else z * z
     values = h.mean(-1) - max(margin, 0.0) ** p / classes
     if weight is not None:
-        values = values * weight[target]
+        values = values * class_values(weight, target)
     return reduce(values, reduction)
 
 
