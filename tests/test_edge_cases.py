@@ -610,3 +610,15 @@ def test_multi_margin_infinite_target_score_as_torch(score: float) -> None:
         torch.testing.assert_close(
             fl.multi_margin_loss(x, y, p=p, reduction="none"), F.multi_margin_loss(x, y, p=p, reduction="none")
         )
+
+
+@pytest.mark.parametrize("name", ["mse_loss", "nll_loss"])
+def test_complex_input_is_refused_as_torch(name: str) -> None:
+    """torch's mse and nll kernels have no complex form; a composition would return a complex
+    'loss' (d * d, not |d|^2) without complaint."""
+    x = torch.randn(3, 4, dtype=torch.cfloat)
+    y = torch.randn(3, 4, dtype=torch.cfloat) if name == "mse_loss" else torch.tensor([0, 3, 1])
+    with pytest.raises(NotImplementedError):
+        getattr(F, name)(x, y)
+    with pytest.raises(NotImplementedError, match="complex"):
+        getattr(fl, name)(x, y)

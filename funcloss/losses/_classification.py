@@ -200,6 +200,10 @@ def nll_loss(
     See also: ``torch.nn.functional.nll_loss``.
     """
     check_reduction("nll_loss", reduction)
+    if input.is_complex():
+        raise NotImplementedError(
+            f"nll_loss(...): expected real log-probabilities, got {input.dtype} (torch's kernel has no complex form)."
+        )
     class_dim = _class_dim("nll_loss", input)
     classes = input.size(class_dim)
     target = _check_index_target("nll_loss", tuple(input.shape), target, class_dim)

@@ -84,6 +84,11 @@ def mse_loss(
     """
     warn_if_broadcast("mse_loss", input, target)
     check_reduction("mse_loss", reduction)
+    if input.is_complex() or target.is_complex():
+        raise NotImplementedError(
+            f"mse_loss(...): expected real input and target, got {input.dtype} and {target.dtype} (torch's kernel "
+            "has no complex form). For a complex error use ((input - target).abs() ** 2).mean()."
+        )
     _elementwise_weight("mse_loss", weight, input)
     if weight is None and use_fused(input, target, reduction):
         return fused_difference_loss(input, target, "mse", reduction)
