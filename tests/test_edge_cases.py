@@ -622,3 +622,28 @@ def test_complex_input_is_refused_as_torch(name: str) -> None:
         getattr(F, name)(x, y)
     with pytest.raises(NotImplementedError, match="complex"):
         getattr(fl, name)(x, y)
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [
+        ("binary_cross_entropy", "weight"),
+        ("binary_cross_entropy_with_logits", "weight"),
+        ("binary_cross_entropy_with_logits", "pos_weight"),
+    ],
+)
+def test_bce_weight_may_not_enlarge_the_output(name: str, key: str) -> None:
+    """torch weighs in place: a weight that broadcasts to a larger shape than the input's is a
+    RuntimeError, not a silently bigger loss."""
+    gen = torch.Generator().manual_seed(0)
+    p, y = torch.rand(4, 3, generator=gen) * 0.9 + 0.05, torch.rand(4, 3, generator=gen)
+    big = {key: torch.rand(2, 4, 3, generator=gen)}
+    with pytest.raises(RuntimeError, match="broadca"):
+        getattr(F, name)(p, y, **big)
+    with pytest.raises(RuntimeError, match="without enlarging it"):
+        getattr(fl, name)(p, y, **big)
+    for shape in ((3,), (4, 1), ()):
+        fine = {key: torch.rand(shape, generator=gen)}
+        torch.testing.assert_close(
+            getattr(fl, name)(p, y, reduction="none", **fine), getattr(F, name)(p, y, reduction="none", **fine)
+        )

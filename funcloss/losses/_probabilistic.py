@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import float32_under_autocast, refused_under_autocast
-from .._checks import check_reduction, check_same_shape, is_eager, on_accelerator
+from .._checks import broadcast_shape, check_reduction, check_same_shape, is_eager, on_accelerator
 from .._combinators import batchmean, reduce
 from .._typing import KLDivReduction, Reduction
 from ._fused import fused_logits_bce, fused_probability_bce, use_fused
@@ -46,6 +46,15 @@ def _bce_log(p: Tensor) -> Tensor:
     return (f - f.detach()) + value
 
 
+def _check_weight_shape(fn: str, name: str, weight: Tensor | None, input: Tensor) -> None:
+    """torch weighs in place: a weight may broadcast to the input's shape, not enlarge it."""
+    if weight is not None and broadcast_shape(input.shape, weight.shape) != input.shape:
+        raise RuntimeError(
+            f"{fn}(...): expected a {name} broadcastable to the input's shape {tuple(input.shape)} without "
+            f"enlarging it, got {tuple(weight.shape)}."
+        )
+
+
 @refused_under_autocast("cuda", _BCE_UNSAFE)
 @float32_under_autocast
 def binary_cross_entropy(
@@ -73,6 +82,7 @@ def binary_cross_entropy(
     """
     check_reduction("binary_cross_entropy", reduction)
     check_same_shape("binary_cross_entropy", input, target)
+    _check_weight_shape("binary_cross_entropy", "weight", weight, input)
     if input.dtype != target.dtype:
         raise RuntimeError(
             f"binary_cross_entropy(...): expected target of the input's dtype {input.dtype}, got "
@@ -144,6 +154,8 @@ def binary_cross_entropy_with_logits(
     """
     check_reduction("binary_cross_entropy_with_logits", reduction)
     check_same_shape("binary_cross_entropy_with_logits", input, target)
+    _check_weight_shape("binary_cross_entropy_with_logits", "weight", weight, input)
+    _check_weight_shape("binary_cross_entropy_with_logits", "pos_weight", pos_weight, input)
     if weight is None and pos_weight is None and use_fused(input, target, reduction):
         return fused_logits_bce(input, target, reduction)
     log_sig = F.logsigmoid(input)
