@@ -624,6 +624,30 @@ def test_complex_input_is_refused_as_torch(name: str) -> None:
         getattr(fl, name)(x, y)
 
 
+def test_complex_kl_div_and_soft_margin_as_torch() -> None:
+    """kl_div refuses complex input with torch's RuntimeError; soft_margin_loss evaluates
+    log(1 + exp(-y x)) on a complex input as torch's kernel does, and refuses a complex target
+    against a real input (the result cannot be cast back)."""
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(3, 4, dtype=torch.cfloat, generator=gen)
+    r = torch.randn(3, 4, generator=gen)
+    for a, b in ((c, r), (r, c), (c, c)):
+        with pytest.raises(RuntimeError, match=r"[Cc]omplex"):
+            F.kl_div(a, b, reduction="sum")
+        with pytest.raises(RuntimeError, match=r"[Cc]omplex"):
+            fl.kl_div(a, b, reduction="sum")
+    t = torch.randint(0, 2, (3, 4), generator=gen).float() * 2 - 1
+    for reduction in ("none", "mean", "sum"):
+        expected = F.soft_margin_loss(c, t, reduction=reduction)
+        got = fl.soft_margin_loss(c, t, reduction=reduction)
+        assert got.dtype == expected.dtype == torch.complex64
+        torch.testing.assert_close(got, expected)
+    with pytest.raises(RuntimeError, match="can't be cast"):
+        F.soft_margin_loss(r, t.to(torch.cfloat))
+    with pytest.raises(RuntimeError, match="can't be cast"):
+        fl.soft_margin_loss(r, t.to(torch.cfloat))
+
+
 @pytest.mark.parametrize(
     ("name", "key"),
     [

@@ -32,15 +32,28 @@ def test_typing_files(kind: str) -> None:
     assert status == 0, report
 
 
-def test_fail_files_really_fail_without_their_ignores(tmp_path: Path) -> None:
+@pytest.mark.parametrize("path", sorted(p.name for p in (TYPINGS / "fail").glob("*.py")))
+def test_fail_files_really_fail_without_their_ignores(path: str, tmp_path: Path) -> None:
     """Strip the ignores: every marked line must then be an error."""
-    src = (TYPINGS / "fail" / "losses.py").read_text()
+    src = (TYPINGS / "fail" / path).read_text()
     marked = sum("# type: ignore[" in line for line in src.splitlines())
     stripped = tmp_path / "stripped.py"
     stripped.write_text("\n".join(line.split("  # type: ignore[")[0] for line in src.splitlines()) + "\n")
     report, status = _mypy("--config-file", str(TYPINGS / "mypy.ini"), str(stripped))
     assert status == 1
     assert report.count(": error:") >= marked, report
+
+
+@pytest.mark.parametrize(
+    "path", sorted(f"{p.parent.name}/{p.name}" for k in ("pass", "reveal") for p in (TYPINGS / k).glob("*.py"))
+)
+def test_typing_examples_also_run(path: str) -> None:
+    """The accepted and revealed examples are real calls: each file runs without error, so a
+    type that only checks because the call is wrong cannot hide there."""
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", str(TYPINGS / path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_mypy_strict_over_package_and_tests() -> None:

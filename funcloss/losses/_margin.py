@@ -41,9 +41,23 @@ def soft_margin_loss(
             f"soft_margin_loss(...): expected a target broadcastable to the input's shape "
             f"{tuple(input.shape)}, got {tuple(target.shape)}."
         )
-    values = F.softplus(-input * target)
+    if input.is_complex() or target.is_complex():
+        values = _complex_soft_margin(input, target)
+    else:
+        values = F.softplus(-input * target)
     # torch's kernel returns the input's dtype whatever the target's.
     return reduce(values if values.dtype == input.dtype else values.to(input.dtype), reduction)
+
+
+def _complex_soft_margin(input: Tensor, target: Tensor) -> Tensor:
+    """torch's kernel evaluates ``log(1 + exp(-y x))`` in the input's dtype, so a complex
+    input gives a complex value; a complex target with a real input cannot be cast back."""
+    if not input.is_complex():
+        raise RuntimeError(
+            f"soft_margin_loss(...): result type {torch.promote_types(input.dtype, target.dtype)} can't be cast "
+            f"to the input's dtype {input.dtype}. Pass a real target, or make the input complex too."
+        )
+    return torch.log1p(torch.exp(-input * target))
 
 
 @float32_under_autocast

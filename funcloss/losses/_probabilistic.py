@@ -199,6 +199,11 @@ def kl_div(
     See also: ``torch.nn.functional.kl_div``.
     """
     check_reduction("kl_div", reduction, ("none", "mean", "sum", "batchmean"))
+    if input.is_complex() or target.is_complex():
+        raise RuntimeError(
+            f"kl_div(...): expected real input and target, got {input.dtype} and {target.dtype}. "
+            "Complex inputs are not supported (as in torch)."
+        )
     if reduction == "mean" and not torch.compiler.is_compiling():
         warnings.warn(
             "kl_div(...): reduction='mean' divides the total loss by both the batch size and the "

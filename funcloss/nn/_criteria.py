@@ -106,12 +106,18 @@ class L1Loss(_Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _regression.l1_loss(input, target, reduction=self.reduction)
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class MSELoss(_Loss):
     """Criterion for `funcloss.mse_loss`; see ``torch.nn.MSELoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _regression.mse_loss(input, target, reduction=self.reduction)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class HuberLoss(_Loss):
@@ -125,6 +131,9 @@ class HuberLoss(_Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _regression.huber_loss(input, target, self.reduction, self.delta)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class SmoothL1Loss(_Loss):
@@ -141,12 +150,18 @@ class SmoothL1Loss(_Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _regression.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class SoftMarginLoss(_Loss):
     """Criterion for `funcloss.soft_margin_loss`; see ``torch.nn.SoftMarginLoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _margin.soft_margin_loss(input, target, reduction=self.reduction)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class HingeEmbeddingLoss(_Loss):
@@ -163,6 +178,9 @@ class HingeEmbeddingLoss(_Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _margin.hinge_embedding_loss(input, target, self.margin, reduction=self.reduction)
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class MarginRankingLoss(_Loss):
     """Criterion for `funcloss.margin_ranking_loss`; see ``torch.nn.MarginRankingLoss``."""
@@ -177,6 +195,9 @@ class MarginRankingLoss(_Loss):
 
     def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
         return _margin.margin_ranking_loss(input1, input2, target, self.margin, reduction=self.reduction)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class PoissonNLLLoss(_Loss):
@@ -208,6 +229,9 @@ class PoissonNLLLoss(_Loss):
             reduction=self.reduction,
         )
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class GaussianNLLLoss(_Loss):
     """Criterion for `funcloss.gaussian_nll_loss`; see ``torch.nn.GaussianNLLLoss``."""
@@ -222,12 +246,18 @@ class GaussianNLLLoss(_Loss):
     def forward(self, input: Tensor, target: Tensor, var: Tensor | float) -> Tensor:
         return _regression.gaussian_nll_loss(input, target, var, self.full, self.eps, self.reduction)
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class BCELoss(_WeightedLoss):
     """Criterion for `funcloss.binary_cross_entropy`; see ``torch.nn.BCELoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _probabilistic.binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class BCEWithLogitsLoss(_Loss):
@@ -257,6 +287,9 @@ class BCEWithLogitsLoss(_Loss):
             pos_weight=self.pos_weight,
         )
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class KLDivLoss(_Loss):
     """Criterion for `funcloss.kl_div`; see ``torch.nn.KLDivLoss``."""
@@ -277,6 +310,9 @@ class KLDivLoss(_Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         reduction = cast(KLDivReduction, self.reduction)  # KLDivLoss also allows "batchmean"
         return _probabilistic.kl_div(input, target, reduction=reduction, log_target=self.log_target)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class CrossEntropyLoss(_WeightedLoss):
@@ -307,6 +343,9 @@ class CrossEntropyLoss(_WeightedLoss):
             label_smoothing=self.label_smoothing,
         )
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class NLLLoss(_WeightedLoss):
     """Criterion for `funcloss.nll_loss`; see ``torch.nn.NLLLoss``."""
@@ -328,6 +367,9 @@ class NLLLoss(_WeightedLoss):
         return _classification.nll_loss(
             input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction
         )
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class MultiMarginLoss(_WeightedLoss):
@@ -360,6 +402,9 @@ class MultiMarginLoss(_WeightedLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _margin.multi_margin_loss(input, target, self.p, self.margin, self.weight, reduction=self.reduction)
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class MultiLabelMarginLoss(_Loss):
     """Criterion for `funcloss.multilabel_margin_loss`; see ``torch.nn.MultiLabelMarginLoss``."""
@@ -367,12 +412,18 @@ class MultiLabelMarginLoss(_Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _margin.multilabel_margin_loss(input, target, reduction=self.reduction)
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class MultiLabelSoftMarginLoss(_WeightedLoss):
     """Criterion for `funcloss.multilabel_soft_margin_loss`; see ``torch.nn.MultiLabelSoftMarginLoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _margin.multilabel_soft_margin_loss(input, target, self.weight, reduction=self.reduction)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class CosineEmbeddingLoss(_Loss):
@@ -388,6 +439,9 @@ class CosineEmbeddingLoss(_Loss):
 
     def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
         return _embedding.cosine_embedding_loss(input1, input2, target, self.margin, reduction=self.reduction)
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class TripletMarginLoss(_Loss):
@@ -428,6 +482,9 @@ class TripletMarginLoss(_Loss):
             reduction=self.reduction,
         )
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class TripletMarginWithDistanceLoss(_Loss):
     """Criterion for `funcloss.triplet_margin_with_distance_loss`; see ``torch.nn.TripletMarginWithDistanceLoss``."""
@@ -463,6 +520,9 @@ class TripletMarginWithDistanceLoss(_Loss):
             reduction=self.reduction,
         )
 
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
+
 
 class CTCLoss(_Loss):
     """Criterion for `funcloss.ctc_loss`; see ``torch.nn.CTCLoss``."""
@@ -484,6 +544,9 @@ class CTCLoss(_Loss):
             self.reduction,
             self.zero_infinity,
         )
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
 
 class LinearCrossEntropyLoss(_WeightedLoss):
@@ -541,6 +604,9 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             label_smoothing=self.label_smoothing,
             options=self.options,
         )
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
     def extra_repr(self) -> str:
         return (
@@ -611,6 +677,9 @@ class AdaptiveLogSoftmaxWithLoss(nn.Module):
         return _adaptive.adaptive_log_softmax_with_loss(
             input_, target_, self.head.weight, self._tails(), self.cutoffs[:-1], head_bias=self.head.bias
         )
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
     def log_prob(self, input: Tensor) -> Tensor:
         """Log-probabilities of every class, ``(N, n_classes)``."""
@@ -692,6 +761,9 @@ class Criterion(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.loss_fn(*args, **{**self.options, **kwargs})
+
+    if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
+        __call__ = forward
 
     def extra_repr(self) -> str:
         name = getattr(self.loss_fn, "__name__", repr(self.loss_fn))

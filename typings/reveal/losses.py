@@ -29,6 +29,6 @@ def example_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
     return fl.mse_loss(x @ params["w"], y)
 
 
-params = {"w": torch.randn(3, 2)}
+params = {"w": torch.randn(3, 3)}
 assert_type(fl.per_sample_grad(example_loss)(params, x, y), dict[str, Tensor])
-assert_type(fl.grad_stats(torch.nn.Linear(3, 2), fl.mse_loss, x, y).coherence, Tensor)
+assert_type(fl.grad_stats(torch.nn.Linear(3, 3), fl.mse_loss, x, y).coherence, Tensor)
