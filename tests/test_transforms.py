@@ -11,7 +11,7 @@ import torch
 import torch.func as tf
 
 from funcloss._bench.cases import Example, Sampler
-from funcloss._bench.transforms import TRANSFORMS, apply, mapped
+from funcloss._bench.transforms import TRANSFORMS, apply, mapped, positional, with_grad
 
 from .registry import DEVICES, Row, rows
 from .transforms import torch_reference
@@ -129,3 +129,29 @@ def test_transform_with_weights(row: Row, transform: str) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
     else:
         _compare(ours, theirs, torch.float64, f"{row.name} with weights under {transform}")
+
+
+class _Exported(torch.nn.Module):
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *xs: torch.Tensor) -> Any:
+        return self.fn(*xs)
+
+
+@pytest.mark.parametrize("row", rows())
+def test_export(row: Row) -> None:
+    """torch.export.export (non-strict, its default) traces every loss into one graph; the
+    exported program gives torch's eager value and, differentiated, torch's gradients."""
+    case = row.case
+    ex = example_for(row, "compile", "cpu")
+    tensors = tuple(i for i, a in enumerate(ex.args) if isinstance(a, torch.Tensor))
+    f, xs = positional(case.ours, ex, tensors)
+    program = torch.export.export(_Exported(f), tuple(xs))
+    args = with_grad(ex.args, ex.diff)
+    out = program.module()(*(args[i] for i in tensors))
+    grads = torch.autograd.grad(out, [args[i] for i in ex.diff], allow_unused=True, materialize_grads=True)
+    ours = (out.detach(), *grads)
+    theirs = torch_reference("compile", case.theirs, ex, case.torch_breaks)
+    _compare(ours, theirs, torch.float32, f"{row.name} exported")
