@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="time funcloss against torch.nn.functional, Opacus and loops")
     bench.add_argument("what", nargs="?", default="losses", choices=["losses", "persample", "memory"])
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (default 15)")
+    bench.add_argument(
+        "--rounds", type=int, default=None, help="interleaved timing rounds (default 15; memory: 5, each is slow)"
+    )
     bench.add_argument("--loss", action="append", help="only this loss (repeatable)")
 
     args = parser.parse_args(argv)
@@ -56,14 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--steps: expected a positive number of steps, got {args.steps}")
         return run_demo(args.steps, None if args.no_plot else args.plot)
     if args.command == "bench":
+        if args.rounds is not None and args.rounds < 1:
+            parser.error(f"--rounds: expected a positive number of rounds, got {args.rounds}")
+        if args.what == "memory":
+            from ._bench.memory import run as run_memory
+
+            return run_memory(device=args.device, rounds=5 if args.rounds is None else args.rounds)
+        args.rounds = 15 if args.rounds is None else args.rounds
         if args.what == "persample":
             from ._bench.persample import run as run_persample
 
             return run_persample(rounds=args.rounds, device=args.device)
-        if args.what == "memory":
-            from ._bench.memory import run as run_memory
-
-            return run_memory(device=args.device)
         from ._bench.timing import run_losses
 
         return run_losses(args.device, rounds=args.rounds, names=args.loss)

@@ -51,6 +51,47 @@ def only_vmap() -> bool:
     return all(str(i.key()) == "TransformType.Vmap" for i in retrieve_all_functorch_interpreters())
 
 
+def only_reverse_or_vmap() -> bool:
+    """True when a torch.func transform is active and every active one is a ``grad``/``vjp``
+    (``jacrev``) or a ``vmap`` (no forward mode, no functionalize, nothing compiled or faked):
+    an ``autograd.Function`` with a generated vmap rule and no ``jvp`` composes there."""
+    if not _functorch_only():
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return all(
+        str(i.key()) in ("TransformType.Vmap", "TransformType.Grad") for i in retrieve_all_functorch_interpreters()
+    )
+
+
+def differentiated_once(*tensors: Tensor | None) -> bool:
+    """Under torch.func, whether the gradient being formed is the last one: a single ``grad``
+    level is active and no tensor requires grad below every transform (eager autograd). A
+    backward may then skip recording itself (torch.func forms every gradient with
+    ``create_graph``, which would keep each chunk's intermediates until it returns)."""
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    levels = sum(str(i.key()) == "TransformType.Grad" for i in retrieve_all_functorch_interpreters())
+    if levels != 1:
+        return False
+    for t in tensors:
+        while t is not None and (
+            torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_batchedtensor(t)
+        ):
+            t = torch._C._functorch.get_unwrapped(t)
+        if t is not None and t.requires_grad:
+            return False
+    return True
+
+
+def _functorch_only() -> bool:
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is not None
+        and torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is None
+    )
+
+
 def check_reduction(fn: str, reduction: str, allowed: Sequence[str] = ("none", "mean", "sum")) -> None:
     """Raise the ``ValueError`` torch raises for an unknown reduction."""
     if reduction not in allowed:

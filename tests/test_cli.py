@@ -84,3 +84,25 @@ def test_check_autocast_needs_a_half_dtype() -> None:
     )
     assert result.returncode == 2
     assert "--autocast: expected --dtype float16 or bfloat16, got float32" in result.stderr
+
+
+@pytest.mark.parametrize(("what", "default"), [("memory", 5), ("persample", 15), ("losses", 15)])
+def test_bench_rounds_reach_every_benchmark(what: str, default: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--rounds is passed to whichever benchmark runs (memory ignored it), and each keeps its
+    own default without it; a non-positive count is a usage error."""
+    from funcloss import __main__ as cli
+    from funcloss._bench import memory, persample, timing
+
+    seen: list[int] = []
+
+    def fake(*args: object, rounds: int, **kwargs: object) -> int:
+        seen.append(rounds)
+        return 0
+
+    target = {"memory": (memory, "run"), "persample": (persample, "run"), "losses": (timing, "run_losses")}[what]
+    monkeypatch.setattr(*target, fake)
+    assert cli.main(["bench", what, "--rounds", "2"]) == 0
+    assert cli.main(["bench", what]) == 0
+    assert seen == [2, default]
+    with pytest.raises(SystemExit):
+        cli.main(["bench", what, "--rounds", "0"])

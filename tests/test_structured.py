@@ -590,3 +590,135 @@ def test_ctc_under_vmap_runs_the_batched_recursion_once() -> None:
     xt = logits.clone().requires_grad_(True)
     (theirs,) = torch.autograd.grad(F.ctc_loss(xt.log_softmax(-1), t, il, tl, reduction="sum"), xt)
     torch.testing.assert_close(ours, theirs)
+
+
+def _linear_ce_problem(weighted: bool) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 6, dtype=torch.float64, generator=gen)
+    w = torch.randn(7, 6, dtype=torch.float64, generator=gen)
+    b = torch.randn(7, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 7, (10,), generator=gen)
+    y[3] = -100  # one ignored row
+    cw = torch.rand(7, dtype=torch.float64, generator=gen) + 0.5 if weighted else torch.ones(0)
+    return x, w, b, y, cw
+
+
+TRANSFORMED_LCE_OPTIONS: list[dict[str, Any]] = [
+    {},
+    {"reduction": "sum"},
+    {"reduction": "none"},
+    {"label_smoothing": 0.2},
+    {"weighted": True, "label_smoothing": 0.3},
+    {"weighted": True},
+]
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap", "vmap_grad", "jacrev", "jacrev_jacrev", "hessian", "jvp"])
+@pytest.mark.parametrize("options", TRANSFORMED_LCE_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_linear_cross_entropy_chunked_under_transforms(transform: str, options: dict[str, Any]) -> None:
+    """Under torch.func, linear_cross_entropy with more rows than a chunk runs chunk by chunk
+    (grad, vjp/jacrev and vmap; forward mode takes the composition): values, gradients and
+    second derivatives equal torch's cross_entropy(linear(...)) under the same transform."""
+    options = dict(options)
+    x, w, b, y, cw = _linear_ce_problem(options.pop("weighted", False))
+    kw = {**options, **({"weight": cw} if cw.numel() else {})}
+
+    def ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return fl.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=3, **kw)
+
+    def theirs(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(x, w, b), y, **kw)
+
+    def total(f: Any) -> Any:
+        return lambda *a: f(*a).sum()
+
+    def run(f: Any) -> Any:
+        if transform == "grad":
+            return tf.grad(total(f), argnums=(0, 1, 2))(x, w, b, y)
+        if transform == "vmap":  # two examples of five rows each
+            return tf.vmap(f, in_dims=(0, None, None, 0))(x.reshape(2, 5, 6), w, b, y.reshape(2, 5))
+        if transform == "vmap_grad":
+            per_example = tf.vmap(tf.grad(total(f), argnums=(1, 2)), in_dims=(0, None, None, 0))
+            return per_example(x.reshape(2, 5, 6), w, b, y.reshape(2, 5))
+        if transform == "jacrev":
+            return tf.jacrev(f, argnums=(0, 1))(x, w, b, y)
+        if transform == "jacrev_jacrev":
+            return tf.jacrev(tf.jacrev(total(f), argnums=1), argnums=1)(x, w, b, y)
+        if transform == "hessian":
+            return tf.hessian(total(f), argnums=0)(x, w, b, y)
+        tangent = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape)
+        return tf.jvp(lambda x: f(x, w, b, y), (x,), (tangent,))
+
+    if transform.startswith("vmap"):
+        # torch's own loss cannot be vmapped with a class weight, smoothing and an ignored
+        # target (a masked_select): loop over the examples instead.
+        rows = [slice(0, 5), slice(5, 10)]
+        if transform == "vmap":
+            expected: Any = torch.stack([theirs(x[r], w, b, y[r]) for r in rows])
+        else:
+            grads = [tf.grad(total(theirs), argnums=(1, 2))(x[r], w, b, y[r]) for r in rows]
+            expected = tuple(torch.stack(g) for g in zip(*grads))
+        torch.testing.assert_close(run(ours), expected, rtol=1e-9, atol=1e-12)
+    else:
+        torch.testing.assert_close(run(ours), run(theirs), rtol=1e-9, atol=1e-12)
+
+
+def _peak_live_bytes(fn: Any) -> int:
+    """The most bytes of tensor storage alive at once while ``fn`` runs (every storage an
+    operator returns counts until it is freed)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Live(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+            self.live, self.peak, self.seen = 0, 0, set[int]()
+
+        def _freed(self, key: int, n: int) -> None:
+            self.live -= n
+            self.seen.discard(key)
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    storage = t.untyped_storage()
+                    key, n = storage.data_ptr(), storage.nbytes()
+                    if n and key not in self.seen:
+                        self.seen.add(key)
+                        self.live += n
+                        self.peak = max(self.peak, self.live)
+                        weakref.finalize(storage, self._freed, key, n)
+            return out
+
+    with Live() as mode:
+        fn()
+    peak: int = mode.peak
+    return peak
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap_grad"])
+def test_linear_cross_entropy_keeps_no_full_logits_under_grad(transform: str) -> None:
+    """torch.func.grad of a chunked linear_cross_entropy holds about a chunk of logits at a
+    time, not the (N, C) logits, their softmax and its gradient (torch.func forms gradients
+    with create_graph; a backward that recorded itself would keep every chunk's softmax)."""
+    gen = torch.Generator().manual_seed(0)
+    n, hidden, classes = 1024, 16, 4000
+    x = torch.randn(n, hidden, generator=gen)
+    w = torch.randn(classes, hidden, generator=gen) * 0.1
+    y = torch.randint(0, classes, (n,), generator=gen)
+
+    def peak(chunk: int) -> int:
+        def loss(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fl.linear_cross_entropy(x, w, y, chunk_size=chunk)
+
+        if transform == "grad":
+            return _peak_live_bytes(lambda: tf.grad(loss)(w, x, y))
+        per_example = tf.vmap(tf.grad(loss), in_dims=(None, 0, 0))
+        return _peak_live_bytes(lambda: per_example(w, x.reshape(2, n // 2, hidden), y.reshape(2, n // 2)))
+
+    logits = n * classes * 4
+    chunked, whole = peak(n // 64), peak(n)  # chunk_size >= N: the plain composition
+    assert whole >= 2 * logits, "the reference should hold the full logits more than once"
+    assert chunked <= 0.35 * logits, f"chunked peak {chunked} bytes against {logits} bytes of logits"

@@ -9,7 +9,7 @@ gradient (1 GiB each); funcloss's chunked path holds one chunk at a time. On the
 runs a forward and backward in its own fresh process and the peak RSS growth during the call is
 reported; on CUDA, the growth of the caching allocator's peak allocation. Then the median time
 ratio over interleaved rounds (in one process). The last rows repeat the comparison under
-``torch.autocast``.
+``torch.autocast``, and under ``torch.func.grad``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ _BASE = "cross_entropy(linear(...))"
 # with each other: mixed precision is how large vocabularies are trained.
 _AMP_BASE = "autocast: cross_entropy(linear)"
 _AMP_OURS = "autocast: funcloss"
+# The same two under torch.func.grad (a functional training step), compared with each other.
+_FUNC_BASE = "func.grad: cross_entropy(linear)"
+_FUNC_OURS = "func.grad: funcloss"
 
 
 def _methods(device: str) -> dict[str, Callable[[], object]]:
@@ -68,7 +71,18 @@ def _methods(device: str) -> dict[str, Callable[[], object]]:
 
     methods[_AMP_BASE] = under_autocast(lambda: F.cross_entropy(F.linear(x, w), y))
     methods[_AMP_OURS] = under_autocast(lambda: fl.linear_cross_entropy(x, w, y))
+    import torch.func as tf
+
+    xd, wd = x.detach(), w.detach()
+    methods[_FUNC_BASE] = lambda: tf.grad(lambda x, w: F.cross_entropy(F.linear(x, w), y), argnums=(0, 1))(xd, wd)
+    methods[_FUNC_OURS] = lambda: tf.grad(lambda x, w: fl.linear_cross_entropy(x, w, y), argnums=(0, 1))(xd, wd)
     return methods
+
+
+def _base(label: str) -> str:
+    if label.startswith("autocast"):
+        return _AMP_BASE
+    return _FUNC_BASE if label.startswith("func.grad") else _BASE
 
 
 _SCRIPT = """
@@ -97,7 +111,7 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
         peaks = {label: _peak(label) for label in methods}
     for fn in methods.values():
         fn()
-    bases = {label: _AMP_BASE if label.startswith("autocast") else _BASE for label in methods}
+    bases = {label: _base(label) for label in methods}
     ratios: dict[str, list[float]] = {label: [] for label in methods}
     for _ in range(rounds):
         order = list(methods)
@@ -111,7 +125,10 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
             t[label] = time.perf_counter() - start
         for label in methods:
             ratios[label].append(t[label] / t[bases[label]])
-    print(f"  ratios to {_BASE} (the autocast rows: to {_AMP_BASE}); time: median of {rounds} interleaved rounds")
+    print(
+        f"  ratios to {_BASE} (the autocast rows: to {_AMP_BASE}; the func.grad rows: to {_FUNC_BASE}); "
+        f"time: median of {rounds} interleaved rounds"
+    )
     print(f"  {'method':<32} {'peak extra MiB':>14} {'memory ratio':>12} {'time ratio':>10}")
     for label in methods:
         mem = peaks[label] / peaks[bases[label]]

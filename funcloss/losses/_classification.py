@@ -16,7 +16,14 @@ from .._autocast import autocast_device, float32_under_autocast
 if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch still imports
     from torch.nn import LinearCrossEntropyOptions
 
-from .._checks import check_reduction, has_tangent, is_eager, on_accelerator
+from .._checks import (
+    check_reduction,
+    differentiated_once,
+    has_tangent,
+    is_eager,
+    on_accelerator,
+    only_reverse_or_vmap,
+)
 from .._combinators import class_values, reduce
 from .._typing import Reduction
 
@@ -560,6 +567,87 @@ def _linear_ce_grads(
     return g_input, g_weight.to(linear_weight.dtype), bias
 
 
+class _TransformedLinearCE(torch.autograd.Function):
+    """`_ChunkedLinearCE` for torch.func's reverse-mode transforms and ``vmap`` (``grad``,
+    ``vjp``, ``jacrev``, ``vmap(grad(...))``): per-row NLL and smoothing sum of
+    ``input @ W.T + b`` chunk by chunk, so that under ``grad`` the ``(N, C)`` logits are never
+    kept for the backward (torch.func does not run checkpointing's saved-tensor hooks).
+
+    The forward keeps nothing of the logits; the backward recomputes each chunk's logits and
+    softmax with differentiable, out-of-place primitives, so a transform of the backward
+    (``jacrev(jacrev(...))``) is exact, and ``vmap`` batches both through the generated rule.
+    There is no ``jvp``: under forward mode the caller takes the plain composition.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        input: Tensor,
+        linear_weight: Tensor,
+        linear_bias: Tensor | None,
+        target: Tensor,
+        class_weight: Tensor | None,
+        chunk: int,
+        smoothing: bool,
+        last: bool,
+    ) -> tuple[Tensor, Tensor]:
+        nll, smooth = [], []
+        for start in range(0, input.size(0), chunk):
+            rows = slice(start, start + chunk)
+            logits = _linear_logits(input[rows], linear_weight, linear_bias)
+            lse = torch.logsumexp(logits, -1)
+            nll.append(lse - logits.gather(1, target[rows, None])[:, 0])
+            if smoothing:
+                w_sum = float(logits.size(1)) if class_weight is None else class_weight.sum()
+                dot = logits.sum(-1) if class_weight is None else logits @ class_weight
+                smooth.append(lse * w_sum - dot)
+        per_row = torch.cat(nll)
+        return per_row, (torch.cat(smooth) if smoothing else torch.zeros_like(per_row))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        input, linear_weight, linear_bias, target, class_weight, chunk, smoothing, last = inputs
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight)
+        ctx.chunk, ctx.smoothing, ctx.last = chunk, smoothing, last
+
+    @staticmethod
+    def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor) -> tuple[Tensor | None, ...]:
+        # ``last``: no transform differentiates this backward, so it records nothing (torch.func
+        # would otherwise keep every chunk's softmax until the gradient is returned).
+        with torch.no_grad() if ctx.last else contextlib.nullcontext():
+            return _TransformedLinearCE._grads(ctx, g_nll, g_smooth)
+
+    @staticmethod
+    def _grads(ctx: Any, g_nll: Tensor, g_smooth: Tensor) -> tuple[Tensor | None, ...]:
+        input, linear_weight, linear_bias, target, class_weight = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
+        g_input, g_weight, g_bias = [], None, None
+        for start in range(0, input.size(0), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            x = input[rows]
+            g_logits = _chunk_logit_grads(
+                _linear_logits(x, linear_weight, linear_bias),
+                None,
+                target[rows],
+                g_nll[rows],
+                g_smooth[rows],
+                w_sum,
+                class_weight,
+                ctx.smoothing,
+                inplace=False,
+            )
+            if need_input:
+                g_input.append(g_logits @ linear_weight)
+            if need_weight:
+                part = g_logits.T @ x
+                g_weight = part if g_weight is None else g_weight + part
+            if need_bias:
+                g_bias = g_logits.sum(0) if g_bias is None else g_bias + g_logits.sum(0)
+        return (torch.cat(g_input) if need_input else None), g_weight, g_bias, None, None, None, None, None
+
+
 class _ChunkedLinearCETotal(torch.autograd.Function):
     """The ``"mean"``/``"sum"`` linear cross-entropy as one scalar (weighted per row as
     `_reduction_coefficients` gives), chunk by chunk, with its first-order gradients formed in
@@ -757,6 +845,53 @@ def _rows_per_chunk(
     return size
 
 
+def _transformed_linear_ce(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    index: int,
+    reduction: Reduction,
+    label_smoothing: float,
+    chunk: int,
+    options: LinearCrossEntropyOptions | None,
+) -> Tensor:
+    """`linear_cross_entropy` for class-index targets under torch.func's ``grad``/``vjp``/
+    ``vmap``, through `_TransformedLinearCE` (no value checks: nothing can be read there)."""
+    classes = linear_weight.size(0)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise RuntimeError(f"linear_cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}.")
+    target = _check_index_target("linear_cross_entropy", (input.size(0), classes), target, 1)
+    _check_class_weight("linear_cross_entropy", weight, classes, None if options is not None else input.dtype)
+    if weight is not None:
+        weight = weight.to(input.dtype)
+    target = target.long()
+    keep = target != index
+    safe = torch.where(keep, target, 0)
+    per_row: tuple[Tensor, Tensor] = _TransformedLinearCE.apply(  # type: ignore[no-untyped-call]
+        input,
+        linear_weight,
+        linear_bias,
+        safe,
+        weight,
+        chunk,
+        label_smoothing != 0.0,
+        differentiated_once(input, linear_weight, linear_bias),
+    )
+    nll, smooth = per_row
+    kept = keep.to(nll.dtype)
+    row_weight = kept if weight is None else class_values(weight, safe) * kept
+    values = nll * row_weight
+    if label_smoothing != 0.0:
+        values = (1 - label_smoothing) * values + (smooth * kept) * (label_smoothing / classes)
+    if reduction == "none":
+        return values
+    if reduction == "sum":
+        return values.sum()
+    return values.sum() / row_weight.sum()
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -782,10 +917,12 @@ def linear_cross_entropy(
     Under ``torch.autocast`` the chunks follow torch's policy for the composition: each chunk's
     logits are computed in autocast's dtype, its softmax and loss in float32 (the result is
     float32), and the weight and bias gradients are summed over chunks in float32.
-    Under torch.func transforms and torch.compile the same value is computed as a plain
-    composition (each vmapped example is one row anyway), so ``grad``, ``vmap``, ``jvp`` and
-    ``hessian`` all work. So is a class ``weight`` that requires grad (torch refuses one), and
-    float64 tensors under autocast.
+    Under torch.func's ``grad``, ``vjp``/``jacrev`` and ``vmap`` (and their nestings, such as
+    per-example gradients), more rows than one chunk also run chunk by chunk (outside autocast):
+    the forward keeps no logits and the backward recomputes each chunk's. Under forward mode
+    (``jvp``, ``jacfwd``, ``hessian``) and torch.compile the same value is computed as a plain
+    composition, so every transform works. So is a class ``weight`` that requires grad (torch
+    refuses one), and float64 tensors under autocast.
 
     Args:
         input: ``(N, H)`` or unbatched ``(H,)``.
@@ -854,6 +991,32 @@ def linear_cross_entropy(
         and input.dim() == 2
         and target.dtype in (torch.int64, torch.uint8)
     )
+    transformed = (
+        not chunked
+        and amp is None
+        and dtypes is not None
+        and only_reverse_or_vmap()
+        and not has_tangent(input, linear_weight, linear_bias)
+        and not (weight is not None and weight.requires_grad)
+        and not probabilities
+        and not out_features
+        and input.dim() == 2
+        and target.dtype in (torch.int64, torch.uint8)
+        and input.size(0) > _rows_per_chunk(options, chunk_size, input, classes)
+    )
+    if transformed:
+        return _transformed_linear_ce(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            weight,
+            index,
+            reduction,
+            label_smoothing,
+            _rows_per_chunk(options, chunk_size, input, classes),
+            options,
+        )
     if not chunked or dtypes is None:
         # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
         logits = _linear_logits(input, linear_weight, linear_bias)
