@@ -278,12 +278,11 @@ def _captured(
     def per_sample_loss(out: Tensor, target: Tensor) -> Tensor:
         return loss_fn(out.unsqueeze(0), target.unsqueeze(0), **loss_kwargs)
 
-    vmapped = tf.vmap(per_sample_loss)
     rowwise = _rowwise(loss_fn, loss_kwargs)
 
     def batched_loss(out: Tensor, target: Tensor) -> Tensor:
         losses = rowwise(out, target) if rowwise is not None else None
-        return vmapped(out, target) if losses is None else losses
+        return tf.vmap(per_sample_loss)(out, target) if losses is None else losses
 
     n = inputs.size(0)
     for start in range(0, n, chunk_size):
@@ -318,6 +317,7 @@ def layer_moments(
     *,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
+    params: Mapping[str, Tensor],
     progress: bool = False,
 ) -> GradStats | None:
     """`GradStats` by per-layer moments (no per-sample gradient is formed for 2-D Linear
@@ -326,7 +326,6 @@ def layer_moments(
     layers = _supported_layers(model)
     if layers is None:
         return None
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     acc = _Moments(params)
     n = inputs.size(0)
     try:

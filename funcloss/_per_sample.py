@@ -322,7 +322,14 @@ def grad_stats(
         from ._moments import layer_moments
 
         fast = layer_moments(
-            model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs, progress=progress
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            chunk_size=size,
+            loss_kwargs=loss_kwargs,
+            params=params,
+            progress=progress,
         )
         if fast is not None:
             return fast
