@@ -591,53 +591,66 @@ class _TransformedLinearCE(torch.autograd.Function):
         chunk: int,
         smoothing: bool,
         last: bool,
-    ) -> tuple[Tensor, Tensor]:
-        nll, smooth = [], []
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        nll: list[Tensor] = []
+        smooth: list[Tensor] = []
+        lse: list[Tensor] = []
+        w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
         for start in range(0, input.size(0), chunk):
             rows = slice(start, start + chunk)
             logits = _linear_logits(input[rows], linear_weight, linear_bias)
-            lse = torch.logsumexp(logits, -1)
-            nll.append(lse - logits.gather(1, target[rows, None])[:, 0])
-            if smoothing:
-                w_sum = float(logits.size(1)) if class_weight is None else class_weight.sum()
-                dot = logits.sum(-1) if class_weight is None else logits @ class_weight
-                smooth.append(lse * w_sum - dot)
-        per_row = torch.cat(nll)
-        return per_row, (torch.cat(smooth) if smoothing else torch.zeros_like(per_row))
+            parts = _chunk_softmax_(logits, target[rows], class_weight, w_sum, smoothing)
+            for out, part in zip((lse, nll, smooth), parts):
+                out.append(part)
+        return torch.cat(nll), torch.cat(smooth), torch.cat(lse)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         input, linear_weight, linear_bias, target, class_weight, chunk, smoothing, last = inputs
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight)
+        lse = output[2]
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse)
         ctx.chunk, ctx.smoothing, ctx.last = chunk, smoothing, last
 
     @staticmethod
-    def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor, g_lse: Tensor) -> tuple[Tensor | None, ...]:
+        del g_lse  # not differentiable
         # ``last``: no transform differentiates this backward, so it records nothing (torch.func
-        # would otherwise keep every chunk's softmax until the gradient is returned).
+        # would otherwise keep every chunk's softmax until the gradient is returned) and turns
+        # each chunk's logits into their gradient in place, from the saved logsumexp.
         with torch.no_grad() if ctx.last else contextlib.nullcontext():
             return _TransformedLinearCE._grads(ctx, g_nll, g_smooth)
 
     @staticmethod
     def _grads(ctx: Any, g_nll: Tensor, g_smooth: Tensor) -> tuple[Tensor | None, ...]:
-        input, linear_weight, linear_bias, target, class_weight = ctx.saved_tensors
+        input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         w_sum = float(linear_weight.size(0)) if class_weight is None else class_weight.sum()
         g_input, g_weight, g_bias = [], None, None
         for start in range(0, input.size(0), ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             x = input[rows]
-            g_logits = _chunk_logit_grads(
-                _linear_logits(x, linear_weight, linear_bias),
-                None,
-                target[rows],
-                g_nll[rows],
-                g_smooth[rows],
-                w_sum,
-                class_weight,
-                ctx.smoothing,
-                inplace=False,
-            )
+            logits = _linear_logits(x, linear_weight, linear_bias)
+            if ctx.last:
+                coef = g_nll[rows, None] + g_smooth[rows, None] * w_sum if ctx.smoothing else g_nll[rows, None]
+                # Out of place by coef: under jacrev the cotangent may be batched where the
+                # logits are not. The product is then batched like both.
+                g_logits = logits.sub_(lse[rows, None]).exp_() * coef
+                g_logits.scatter_add_(1, target[rows, None], -g_nll[rows, None])
+                if ctx.smoothing:
+                    g_logits.sub_(g_smooth[rows, None] * (1.0 if class_weight is None else class_weight))
+            else:
+                g_logits = _chunk_logit_grads(
+                    logits,
+                    None,
+                    target[rows],
+                    g_nll[rows],
+                    g_smooth[rows],
+                    w_sum,
+                    class_weight,
+                    ctx.smoothing,
+                    inplace=False,
+                )
             if need_input:
                 g_input.append(g_logits @ linear_weight)
             if need_weight:
@@ -869,7 +882,7 @@ def _transformed_linear_ce(
     target = target.long()
     keep = target != index
     safe = torch.where(keep, target, 0)
-    per_row: tuple[Tensor, Tensor] = _TransformedLinearCE.apply(  # type: ignore[no-untyped-call]
+    per_row: tuple[Tensor, Tensor, Tensor] = _TransformedLinearCE.apply(  # type: ignore[no-untyped-call]
         input,
         linear_weight,
         linear_bias,
@@ -879,7 +892,7 @@ def _transformed_linear_ce(
         label_smoothing != 0.0,
         differentiated_once(input, linear_weight, linear_bias),
     )
-    nll, smooth = per_row
+    nll, smooth, _ = per_row
     kept = keep.to(nll.dtype)
     row_weight = kept if weight is None else class_values(weight, safe) * kept
     values = nll * row_weight
