@@ -992,9 +992,8 @@ def linear_cross_entropy(
     index = -100 if ignore_index is None else ignore_index
     amp = autocast_device((input,), {})
     dtypes = _amp_dtypes(amp, input, linear_weight, linear_bias)
-    chunked = (
-        is_eager()
-        and dtypes is not None
+    chunkable = (
+        dtypes is not None
         and not has_tangent(input, linear_weight, linear_bias)
         # The chunked Functions do not differentiate a class weight (torch refuses one that
         # requires grad); the composition does.
@@ -1004,32 +1003,14 @@ def linear_cross_entropy(
         and input.dim() == 2
         and target.dtype in (torch.int64, torch.uint8)
     )
-    transformed = (
-        not chunked
-        and amp is None
-        and dtypes is not None
-        and only_reverse_or_vmap()
-        and not has_tangent(input, linear_weight, linear_bias)
-        and not (weight is not None and weight.requires_grad)
-        and not probabilities
-        and not out_features
-        and input.dim() == 2
-        and target.dtype in (torch.int64, torch.uint8)
-        and input.size(0) > _rows_per_chunk(options, chunk_size, input, classes)
-    )
-    if transformed:
-        return _transformed_linear_ce(
-            input,
-            linear_weight,
-            linear_bias,
-            target,
-            weight,
-            index,
-            reduction,
-            label_smoothing,
-            _rows_per_chunk(options, chunk_size, input, classes),
-            options,
-        )
+    chunked = chunkable and is_eager()
+    if chunkable and not chunked and amp is None and only_reverse_or_vmap():
+        # Under torch.func's reverse mode and vmap: chunked too, once there is more than a chunk.
+        rows = _rows_per_chunk(options, chunk_size, input, classes)
+        if input.size(0) > rows:
+            return _transformed_linear_ce(
+                input, linear_weight, linear_bias, target, weight, index, reduction, label_smoothing, rows, options
+            )
     if not chunked or dtypes is None:
         # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
         logits = _linear_logits(input, linear_weight, linear_bias)
