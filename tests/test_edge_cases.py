@@ -96,7 +96,8 @@ def test_bce_gradient_at_the_ends_pushes_like_torch() -> None:
 def test_bce_gradient_at_an_end_with_its_own_label_is_the_true_derivative() -> None:
     """At p = 0 with y = 0 (or p = 1 with y = 1) the loss is -log(1 - p) (or -log p), whose
     derivative there is 1 (or -1). torch's backward computes (p - y) / max(p (1 - p), 1e-12),
-    which is 0 / 1e-12 = 0 there (NaN in half precision). A deliberate difference."""
+    which is 0 / 1e-12 = 0 there (NaN in half precision), and p / 1e-12 within 1e-12 of the
+    end. A deliberate difference, documented in the README."""
     x = T([0.0, 1.0], dtype=torch.float64)
     y = T([0.0, 1.0], dtype=torch.float64)
     ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(x)
@@ -104,6 +105,11 @@ def test_bce_gradient_at_an_end_with_its_own_label_is_the_true_derivative() -> N
     xt = x.clone().requires_grad_(True)
     (theirs,) = torch.autograd.grad(F.binary_cross_entropy(xt, y, reduction="sum"), xt)
     assert theirs.tolist() == [0.0, 0.0]
+    # Within 1e-12 of the ends torch pushes with p / 1e-12 (and 1 - p for the other end);
+    # funcloss keeps the derivative, about 1 and -1.
+    near = T([1e-13, 1 - 2**-45], dtype=torch.float64)
+    ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(near)
+    torch.testing.assert_close(ours, T([1.0, -1.0], dtype=torch.float64))
     # Just inside the ends both agree with the derivative.
     inside = T([1e-9, 1 - 1e-9], dtype=torch.float64)
     ours = tf.grad(lambda p: fl.binary_cross_entropy(p, y, reduction="sum"))(inside)
