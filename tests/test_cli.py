@@ -106,3 +106,30 @@ def test_bench_rounds_reach_every_benchmark(what: str, default: int, monkeypatch
     assert seen == [2, default]
     with pytest.raises(SystemExit):
         cli.main(["bench", what, "--rounds", "0"])
+
+
+def test_bench_memory_reports_every_method_and_its_progress(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The memory benchmark's table has a row per method with its ratios against its own
+    baseline, and says on stderr where it is (a full run takes minutes). Small sizes, and the
+    fresh-process RSS measurement replaced by a fixed figure."""
+    from funcloss._bench import memory
+
+    monkeypatch.setattr(memory, "_SIZES", (64, 8, 50))
+    monkeypatch.setattr(memory, "_peak", lambda label: 10.0 if "funcloss" in label else 40.0)
+    assert memory.run(rounds=2) == 0
+    out, err = capsys.readouterr()
+    n = len(memory._methods("cpu"))
+    assert f"peak memory {n}/{n}" in err and "timing round 2/2" in err
+    rows = {
+        line.split("  ")[1].strip(): line.split()
+        for line in out.splitlines()
+        if line.startswith("  ") and "MiB" not in line
+    }
+    for label in memory._methods("cpu"):
+        if label in rows:
+            continue
+        raise AssertionError(f"no row for {label!r} in:\n{out}")
+    assert rows["func.grad: funcloss"][-2] == "0.25"  # 10 MiB against its baseline's 40
+    assert rows["cross_entropy(linear(...))"][-2] == "1.00"

@@ -105,15 +105,19 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
         f"N={n}, hidden={h}, C={c}, float32, forward+backward"
     )
     methods = _methods(device)
-    if device.startswith("cuda"):
-        peaks = {label: cuda_peak_extra_bytes(fn) / 2**20 for label, fn in methods.items()}
-    else:
-        peaks = {label: _peak(label) for label in methods}
+    peaks = {}
+    for i, (label, fn) in enumerate(methods.items()):
+        # Each CPU measurement is a fresh process running one step: the whole run takes
+        # minutes, so say where it is (on stderr: stdout is the table).
+        print(f"\r  peak memory {i + 1}/{len(methods)}: {label:<40}", end="", file=sys.stderr, flush=True)
+        peaks[label] = cuda_peak_extra_bytes(fn) / 2**20 if device.startswith("cuda") else _peak(label)
+    print(f"\r  warming up{'':<60}", end="", file=sys.stderr, flush=True)
     for fn in methods.values():
         fn()
     bases = {label: _base(label) for label in methods}
     ratios: dict[str, list[float]] = {label: [] for label in methods}
-    for _ in range(rounds):
+    for r in range(rounds):
+        print(f"\r  timing round {r + 1}/{rounds}{'':<50}", end="", file=sys.stderr, flush=True)
         order = list(methods)
         random.shuffle(order)
         t = {}
@@ -125,6 +129,7 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
             t[label] = time.perf_counter() - start
         for label in methods:
             ratios[label].append(t[label] / t[bases[label]])
+    print(file=sys.stderr)
     print(
         f"  ratios to {_BASE} (the autocast rows: to {_AMP_BASE}; the func.grad rows: to {_FUNC_BASE}); "
         f"time: median of {rounds} interleaved rounds"
