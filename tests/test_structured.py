@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -508,7 +509,8 @@ def test_linear_cross_entropy_gradients_formed_in_the_forward(reduction: str, sm
 
 
 def test_linear_cross_entropy_every_target_ignored() -> None:
-    """Mean over no kept target: NaN, with a zero gradient."""
+    """Mean over no kept target: NaN, with a zero gradient (as torch), in eager mode and
+    chunked under torch.func.grad."""
     x = torch.randn(4, 3, generator=_g(), dtype=D, requires_grad=True)
     w = torch.randn(5, 3, generator=_g(1), dtype=D, requires_grad=True)
     y = torch.full((4,), -100)
@@ -516,6 +518,13 @@ def test_linear_cross_entropy_every_target_ignored() -> None:
     assert torch.isnan(ours)
     for g in torch.autograd.grad(ours, (x, w)):
         assert torch.equal(g, torch.zeros_like(g))
+    (theirs,) = torch.autograd.grad(F.cross_entropy(F.linear(x, w), y), (w,))
+    assert torch.equal(theirs, torch.zeros_like(theirs))
+    options: list[dict[str, Any]] = [{}, {"label_smoothing": 0.2}, {"weight": torch.rand(5, generator=_g(2), dtype=D)}]
+    for kw in options:
+        loss = functools.partial(fl.linear_cross_entropy, x.detach(), target=y, chunk_size=2, **kw)
+        g = tf.grad(loss)(w.detach())
+        assert torch.equal(g, torch.zeros_like(g)), kw
 
 
 def test_linear_cross_entropy_double_backward_in_eager() -> None:

@@ -898,11 +898,7 @@ def _transformed_linear_ce(
     values = nll * row_weight
     if label_smoothing != 0.0:
         values = (1 - label_smoothing) * values + (smooth * kept) * (label_smoothing / classes)
-    if reduction == "none":
-        return values
-    if reduction == "sum":
-        return values.sum()
-    return values.sum() / row_weight.sum()
+    return _class_mean(values, row_weight, reduction)
 
 
 def linear_cross_entropy(
