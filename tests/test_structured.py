@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -731,3 +732,27 @@ def test_linear_cross_entropy_keeps_no_full_logits_under_grad(transform: str) ->
     chunked, whole = peak(n // 64), peak(n)  # chunk_size >= N: the plain composition
     assert whole >= 2 * logits, "the reference should hold the full logits more than once"
     assert chunked <= 0.35 * logits, f"chunked peak {chunked} bytes against {logits} bytes of logits"
+
+
+def test_class_weights_summing_to_zero_give_nan_with_a_zero_gradient() -> None:
+    """The documented difference: with class weights that are 0 on every kept target the mean
+    is 0 / 0 = NaN in both; torch's gradient is NaN on the kept rows, funcloss's is 0 (as both
+    give when every target is ignored), on every path."""
+    x = torch.randn(6, 3, generator=_g(), dtype=D)
+    w = torch.randn(4, 3, generator=_g(1), dtype=D)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    zero = torch.zeros(4, dtype=D)
+    wr = w.clone().requires_grad_(True)
+    (theirs,) = torch.autograd.grad(F.cross_entropy(F.linear(x, wr), y, weight=zero), (wr,))
+    assert torch.isnan(theirs).all()
+    paths: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "cross_entropy": lambda w: fl.cross_entropy(F.linear(x, w), y, weight=zero),
+        "linear, composition": lambda w: fl.linear_cross_entropy(x, w, y, weight=zero),
+        "linear, chunked under grad": lambda w: fl.linear_cross_entropy(x, w, y, weight=zero, chunk_size=2),
+    }
+    for name, loss in paths.items():
+        assert torch.isnan(loss(w)), name
+        g = tf.grad(loss)(w)
+        assert torch.equal(g, torch.zeros_like(g)), name
+    (eager,) = torch.autograd.grad(fl.linear_cross_entropy(x, wr, y, weight=zero, chunk_size=2), (wr,))
+    assert torch.equal(eager, torch.zeros_like(eager))
