@@ -862,26 +862,17 @@ def _transformed_linear_ce(
     input: Tensor,
     linear_weight: Tensor,
     linear_bias: Tensor | None,
-    target: Tensor,
+    safe: Tensor,
+    keep: Tensor,
     weight: Tensor | None,
-    index: int,
     reduction: Reduction,
     label_smoothing: float,
     chunk: int,
-    options: LinearCrossEntropyOptions | None,
 ) -> Tensor:
-    """`linear_cross_entropy` for class-index targets under torch.func's ``grad``/``vjp``/
-    ``vmap``, through `_TransformedLinearCE` (no value checks: nothing can be read there)."""
+    """`linear_cross_entropy` for checked class-index targets (``safe``: ignored ones replaced
+    by 0, ``keep``: the others) under torch.func's ``grad``/``vjp``/``vmap``, through
+    `_TransformedLinearCE`."""
     classes = linear_weight.size(0)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise RuntimeError(f"linear_cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}.")
-    target = _check_index_target("linear_cross_entropy", (input.size(0), classes), target, 1)
-    _check_class_weight("linear_cross_entropy", weight, classes, None if options is not None else input.dtype)
-    if weight is not None:
-        weight = weight.to(input.dtype)
-    target = target.long()
-    keep = target != index
-    safe = torch.where(keep, target, 0)
     per_row: tuple[Tensor, Tensor, Tensor] = _TransformedLinearCE.apply(  # type: ignore[no-untyped-call]
         input,
         linear_weight,
@@ -892,13 +883,27 @@ def _transformed_linear_ce(
         label_smoothing != 0.0,
         differentiated_once(input, linear_weight, linear_bias),
     )
+    values, row_weight = _row_losses(per_row, safe, keep, weight, label_smoothing, classes)
+    return _class_mean(values, row_weight, reduction)
+
+
+def _row_losses(
+    per_row: tuple[Tensor, Tensor, Tensor],
+    safe: Tensor,
+    keep: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    classes: int,
+) -> tuple[Tensor, Tensor]:
+    """Each row's loss from a chunked Function's per-row NLL and smoothing sum, and its weight
+    ``w[y]`` (0 where ignored), the mean's denominator."""
     nll, smooth, _ = per_row
     kept = keep.to(nll.dtype)
     row_weight = kept if weight is None else class_values(weight, safe) * kept
     values = nll * row_weight
     if label_smoothing != 0.0:
         values = (1 - label_smoothing) * values + (smooth * kept) * (label_smoothing / classes)
-    return _class_mean(values, row_weight, reduction)
+    return values, row_weight
 
 
 def linear_cross_entropy(
@@ -1000,14 +1005,15 @@ def linear_cross_entropy(
         and target.dtype in (torch.int64, torch.uint8)
     )
     chunked = chunkable and is_eager()
-    if chunkable and not chunked and amp is None and only_reverse_or_vmap():
-        # Under torch.func's reverse mode and vmap: chunked too, once there is more than a chunk.
-        rows = _rows_per_chunk(options, chunk_size, input, classes)
-        if input.size(0) > rows:
-            return _transformed_linear_ce(
-                input, linear_weight, linear_bias, target, weight, index, reduction, label_smoothing, rows, options
-            )
-    if not chunked or dtypes is None:
+    # Under torch.func's reverse mode and vmap: chunked too, once there is more than a chunk.
+    transformed = (
+        chunkable
+        and not chunked
+        and amp is None
+        and only_reverse_or_vmap()
+        and input.size(0) > _rows_per_chunk(options, chunk_size, input, classes)
+    )
+    if not (chunked or transformed) or dtypes is None:
         # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
         logits = _linear_logits(input, linear_weight, linear_bias)
         return cross_entropy(
@@ -1029,6 +1035,10 @@ def linear_cross_entropy(
     keep = target != index
     safe = torch.where(keep, target, 0)
     chunk = _rows_per_chunk(options, chunk_size, input, classes)
+    if transformed:
+        return _transformed_linear_ce(
+            input, linear_weight, linear_bias, safe, keep, weight, reduction, label_smoothing, chunk
+        )
     with contextlib.nullcontext() if amp is None else _autocast_off(amp):
         if reduction != "none":
             total: Tensor = _ChunkedLinearCETotal.apply(  # type: ignore[no-untyped-call]
@@ -1049,9 +1059,4 @@ def linear_cross_entropy(
         per_row: tuple[Tensor, Tensor, Tensor] = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
             input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0, mm, acc
         )
-    nll, smooth, _ = per_row
-    kept = keep.to(acc)
-    values = nll * (kept if weight is None else class_values(weight, safe) * kept)
-    if label_smoothing == 0.0:
-        return values
-    return (1 - label_smoothing) * values + (smooth * kept) * (label_smoothing / classes)
+    return _row_losses(per_row, safe, keep, weight, label_smoothing, classes)[0]
