@@ -27,6 +27,8 @@ from .._checks import (
 from .._combinators import class_values, reduce
 from .._typing import Reduction
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 def _class_dim(fn: str, input: Tensor, exc: type[Exception] = ValueError) -> int:
     if input.dim() == 0:
@@ -228,7 +230,6 @@ def _class_view(weight: Tensor, input: Tensor, class_dim: int) -> Tensor:
     return weight.reshape(shape)
 
 
-@float32_under_autocast
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -269,8 +270,42 @@ def cross_entropy(
         Szegedy, C. et al. "Rethinking the Inception Architecture for Computer Vision" (label
         smoothing), CVPR 2016.
 
+    Under ``torch.autocast`` the loss is float32, as torch's: on CUDA, as there, the
+    log-probabilities of a float16/bfloat16 input are rounded to its dtype before the float32
+    loss (torch passes the input's dtype to ``log_softmax``); elsewhere all of it is float32.
+
     See also: ``torch.nn.functional.cross_entropy``.
     """
+    if input.dtype in _HALF and autocast_device((input,), {}) == "cuda":
+        class_dim = _class_dim("cross_entropy", input, IndexError)
+        with torch.autocast("cuda", enabled=False):
+            logp = torch.log_softmax(input.float(), class_dim).to(input.dtype).float()
+            return _cross_entropy(
+                logp,
+                target.float() if target.dtype in _HALF else target,
+                weight.float() if weight is not None and weight.dtype in _HALF else weight,
+                ignore_index=ignore_index,
+                reduction=reduction,
+                label_smoothing=label_smoothing,
+                log_probs=True,
+            )
+    return _cross_entropy(
+        input, target, weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+
+
+@float32_under_autocast
+def _cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    log_probs: bool = False,
+) -> Tensor:
+    """`cross_entropy` of logits, or (``log_probs``) of log-probabilities already formed."""
     check_reduction("cross_entropy", reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise RuntimeError(
@@ -280,7 +315,7 @@ def cross_entropy(
     class_dim = _class_dim("cross_entropy", input, IndexError)  # torch: a dimension out of range
     classes = input.size(class_dim)
     _check_class_weight("cross_entropy", weight, classes, None if target.is_floating_point() else input.dtype)
-    if reduction != "none" and _total_path(input, target, weight):
+    if reduction != "none" and not log_probs and _total_path(input, target, weight):
         # The training case: the gradient is formed in the forward (one (N, C) buffer).
         target = _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
         target = target.long()
@@ -290,7 +325,7 @@ def cross_entropy(
             input, torch.where(keep, target, 0), weight, keep, label_smoothing, reduction == "mean"
         )
         return total
-    logp = torch.log_softmax(input, dim=class_dim)
+    logp = input if log_probs else torch.log_softmax(input, dim=class_dim)
     if target.shape == input.shape:
         return _cross_entropy_probs(logp, target, weight, ignore_index, reduction, label_smoothing, class_dim)
     target = _check_index_target("cross_entropy", tuple(input.shape), target, class_dim)
@@ -392,11 +427,26 @@ def _autocast_off(device: str) -> contextlib.AbstractContextManager[object]:
 
 
 def _chunk_softmax_(
-    logits: Tensor, target: Tensor, class_weight: Tensor | None, w_sum: Tensor | float, smoothing: bool
+    logits: Tensor,
+    target: Tensor,
+    class_weight: Tensor | None,
+    w_sum: Tensor | float,
+    smoothing: bool,
+    round_to: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk's per-row logsumexp, NLL ``lse - z_y`` and smoothing sum ``lse sum(w) - w . z``
     (zeros unless ``smoothing``), turning ``logits`` into the softmax in place on the way (no
-    chunk-sized temporary, unlike ``logsumexp``)."""
+    chunk-sized temporary, unlike ``logsumexp``). With ``round_to``, the NLL and smoothing sum
+    are formed from log-probabilities rounded to that dtype, as `cross_entropy` under CUDA
+    autocast (the smoothing sum then takes one chunk-sized temporary)."""
+    if round_to is not None and smoothing:
+        lse = torch.logsumexp(logits, 1)
+        logp = (logits - lse[:, None]).to(round_to).to(logits.dtype)
+        nll = -logp.gather(1, target[:, None])[:, 0]
+        smooth = -(logp.sum(-1) if class_weight is None else logp @ class_weight)
+        del logp
+        logits.sub_(lse[:, None]).exp_()
+        return lse, nll, smooth
     z_y = logits.gather(1, target[:, None])[:, 0]
     dot = None
     if smoothing:
@@ -405,7 +455,7 @@ def _chunk_softmax_(
     sums = logits.sub_(top).exp_().sum(1, keepdim=True)
     logits.div_(sums)
     lse = (top + sums.log_())[:, 0]
-    nll = lse - z_y
+    nll = lse - z_y if round_to is None else -(z_y - lse).to(round_to).to(lse.dtype)
     smooth = lse * w_sum - dot if dot is not None else torch.zeros_like(nll)
     return lse, nll, smooth
 
@@ -433,6 +483,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         smoothing: bool,
         mm: torch.dtype,
         acc: torch.dtype,
+        round_to: torch.dtype | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # Eager mode only: the classic form, whose ``apply`` skips setup_context's per-call
         # signature binding.
@@ -446,7 +497,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             logits = _chunk_logits(x_mm[rows], w_mm, b_mm, acc)
-            lse[rows], nll[rows], smooth[rows] = _chunk_softmax_(logits, target[rows], class_weight, w_sum, smoothing)
+            lse[rows], nll[rows], smooth[rows] = _chunk_softmax_(
+                logits, target[rows], class_weight, w_sum, smoothing, round_to
+            )
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse)
         ctx.chunk, ctx.smoothing, ctx.mm = chunk, smoothing, mm
@@ -470,7 +523,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 ctx.smoothing,
                 ctx.mm,
             )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _chunk_logit_grads(
@@ -685,6 +738,7 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
         precompute: bool,
         mm: torch.dtype,
         acc: torch.dtype,
+        round_to: torch.dtype | None,
     ) -> Tensor:
         n, classes = input.size(0), linear_weight.size(0)
         g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, acc)
@@ -713,7 +767,9 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
             rows = slice(start, start + chunk)
             x = x_mm[rows]
             probs = _chunk_logits(x, w_mm, b_mm, acc)
-            lse[rows], row_nll, row_smooth = _chunk_softmax_(probs, target[rows], class_weight, w_sum, smoothing)
+            lse[rows], row_nll, row_smooth = _chunk_softmax_(
+                probs, target[rows], class_weight, w_sum, smoothing, round_to
+            )
             total += torch.dot(g_nll[rows], row_nll)
             if smoothing:
                 total += torch.dot(g_smooth[rows], row_smooth)
@@ -739,7 +795,7 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        rest = (None,) * 9
+        rest = (None,) * 10
         if ctx.grads is not None and not torch.is_grad_enabled():
             grads, ctx.grads = ctx.grads, None  # scaled in place once; a second backward recomputes
             return (*(None if g is None else g.mul_(grad) for g in grads), *rest)
@@ -1035,6 +1091,8 @@ def linear_cross_entropy(
     keep = target != index
     safe = torch.where(keep, target, 0)
     chunk = _rows_per_chunk(options, chunk_size, input, classes)
+    # As the composition's cross_entropy under CUDA autocast: log-probabilities in the logits' dtype.
+    round_to = mm if amp == "cuda" and mm in _HALF else None
     if transformed:
         return _transformed_linear_ce(
             input, linear_weight, linear_bias, safe, keep, weight, reduction, label_smoothing, chunk
@@ -1054,9 +1112,10 @@ def linear_cross_entropy(
                 torch.is_grad_enabled(),
                 mm,
                 acc,
+                round_to,
             )
             return total
         per_row: tuple[Tensor, Tensor, Tensor] = _ChunkedLinearCE.apply(  # type: ignore[no-untyped-call]
-            input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0, mm, acc
+            input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0, mm, acc, round_to
         )
     return _row_losses(per_row, safe, keep, weight, label_smoothing, classes)[0]

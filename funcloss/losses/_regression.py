@@ -322,7 +322,8 @@ def gaussian_nll_loss(
     # in place under no_grad); an infinite variance stays infinite (no inf - inf).
     v = torch.where(v < eps, (v - v.detach()) + eps, v)
     d = input - target
-    values = 0.5 * (torch.log(v) + d * d / v)
+    # ``pow`` as torch writes it: under CUDA autocast it runs in float32 (a product would not).
+    values = 0.5 * (torch.log(v) + d.pow(2) / v)
     if full:
         values = values + 0.5 * math.log(2 * math.pi)
     return reduce(values, reduction)
