@@ -6,9 +6,12 @@ import dataclasses
 import io
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from torch import Tensor
 
 from funcloss._bench import cases as bench_cases
 from funcloss._bench.check import run
@@ -73,6 +76,32 @@ def test_check_under_autocast_compares_dtypes(monkeypatch: pytest.MonkeyPatch) -
     out = io.StringIO()
     assert run("cpu", torch.bfloat16, names=["mse_loss"], autocast=True, out=out) == 1
     assert "MISMATCH" in out.getvalue()
+
+
+def test_check_counts_a_refusal_shared_with_torch_as_no_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch refuses binary_cross_entropy inside CUDA autocast and funcloss refuses it with the
+    same exception: ``check`` reports that as agreement. A refusal of another class is a problem."""
+
+    def refuse(exc: type[Exception]) -> Callable[..., Tensor]:
+        def loss(*args: Any, **kwargs: Any) -> Tensor:
+            raise exc("expected no autocast region")
+
+        return loss
+
+    case = bench_cases.CASES["mse_loss"]
+    monkeypatch.setitem(
+        bench_cases.CASES, "mse_loss", dataclasses.replace(case, ours=refuse(RuntimeError), theirs=refuse(RuntimeError))
+    )
+    out = io.StringIO()
+    assert run("cpu", names=["mse_loss"], out=out) == 0
+    assert "mse_loss: RuntimeError, as torch" in out.getvalue()
+    assert "0 of 1 losses compared" in out.getvalue()
+    monkeypatch.setitem(
+        bench_cases.CASES, "mse_loss", dataclasses.replace(case, ours=refuse(ValueError), theirs=refuse(RuntimeError))
+    )
+    out = io.StringIO()
+    assert run("cpu", names=["mse_loss"], out=out) == 1
+    assert "not compared" in out.getvalue()
 
 
 def test_check_autocast_needs_a_half_dtype() -> None:
