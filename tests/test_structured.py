@@ -219,7 +219,12 @@ def test_multilabel_margin_ignores_entries_after_the_first_minus_one() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_multilabel_margin_both_forms_match_torch(classes: int, device: str) -> None:
     """Up to 32 classes the pairwise form runs, above it the sorted one: both against torch,
-    values and gradients, with repeated classes, ties at the margin and -1 padding."""
+    values and gradients, with repeated classes, ties at the margin and -1 padding.
+
+    The oracle is torch's CPU kernel on every device: its CUDA backward kernel races on
+    repeated targets (pytorch/pytorch#84202, open) and, measured on an H100 with torch 2.11,
+    gives gradients off by up to 0.58 from 70 classes on, where its CPU kernel, its own CUDA
+    forward and funcloss on either device agree."""
     g = _g(classes)
     # Integer-valued scores make exact ties (x_j - x_i == 1) common.
     x = torch.randint(-3, 4, (9, classes), generator=g).to(D)
@@ -232,7 +237,7 @@ def test_multilabel_margin_both_forms_match_torch(classes: int, device: str) -> 
     target = target.to(device)
     x = x.to(device).requires_grad_()
     ours = fl.multilabel_margin_loss(x, target, reduction="none")
-    theirs = F.multilabel_margin_loss(x, target, reduction="none")
+    theirs = F.multilabel_margin_loss(x.cpu(), target.cpu(), reduction="none").to(device)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(*(torch.autograd.grad(v.sum(), x)[0] for v in (ours, theirs)))
 
