@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import funcloss as fl
+from funcloss import Reduction
 from funcloss._bench.cases import ADAPTIVE_CUTOFFS, Example, Sampler
 
 from .harness import assert_close, value_and_grads
@@ -136,6 +137,17 @@ CUDA_AUTOCAST_OPTIONS = [
 ]
 
 
+def _class_options(
+    options: dict[str, Any], n: int, classes: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None, Reduction, float]:
+    """Targets (one ignored with ``ignore``), class weights, reduction and smoothing."""
+    y = torch.randint(0, classes, (n,), generator=gen)
+    if options.get("ignore"):
+        y[2] = -100
+    weight = torch.rand(classes, generator=gen) if options.get("weight") else None
+    return y, weight, options.get("reduction", "mean"), options.get("label_smoothing", 0.0)
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("options", CUDA_AUTOCAST_OPTIONS, ids=repr)
 def test_cross_entropy_rounds_log_probs_as_torch_under_cuda_autocast(
@@ -150,12 +162,7 @@ def test_cross_entropy_rounds_log_probs_as_torch_under_cuda_autocast(
     monkeypatch.setattr(_classification, "autocast_device", lambda args, kwargs: "cuda")
     gen = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(11, 7, generator=gen)).to(dtype).requires_grad_()
-    y = torch.randint(0, 7, (11,), generator=gen)
-    if options.get("ignore"):
-        y[2] = -100
-    weight = torch.rand(7, generator=gen) if options.get("weight") else None
-    reduction = options.get("reduction", "mean")
-    smoothing = options.get("label_smoothing", 0.0)
+    y, weight, reduction, smoothing = _class_options(options, 11, 7, gen)
     ours = fl.cross_entropy(x, y, weight, reduction=reduction, label_smoothing=smoothing)
     theirs = _torch_ce_under_cuda_autocast(x, y, weight, reduction, smoothing)
     assert ours.dtype == theirs.dtype == torch.float32
@@ -179,12 +186,7 @@ def test_linear_cross_entropy_rounds_log_probs_as_torch_under_cuda_autocast(
     x = torch.randn(37, 16, generator=gen).requires_grad_()
     w = torch.randn(50, 16, generator=gen).requires_grad_()
     b = torch.randn(50, generator=gen).requires_grad_()
-    y = torch.randint(0, 50, (37,), generator=gen)
-    if options.get("ignore"):
-        y[2] = -100
-    weight = torch.rand(50, generator=gen) if options.get("weight") else None
-    reduction = options.get("reduction", "mean")
-    smoothing = options.get("label_smoothing", 0.0)
+    y, weight, reduction, smoothing = _class_options(options, 37, 50, gen)
     kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing, "weight": weight}
     with _LargestOutput() as seen:
         ours = fl.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=5, **kwargs)
