@@ -362,6 +362,37 @@ def test_fast_path_with_non_contiguous_inputs(name: str, kwargs: dict[str, float
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("wants", ["input", "target", "both"])
+@pytest.mark.parametrize(("name", "kwargs"), FUSED[:5], ids=[f"{n}-{k}" for n, k in FUSED[:5]])
+def test_fast_path_gradient_formed_in_the_forward_serves_one_backward(
+    name: str, kwargs: dict[str, float], wants: str
+) -> None:
+    """l1/mse/huber/smooth_l1 form their gradient's direction in the forward and the first
+    backward scales it in place. Whichever of input and target requires grad, a second
+    backward (retain_graph) with another incoming gradient, one after a create_graph
+    backward, and a forward under no_grad must all still give torch's gradients."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(700, 400, generator=g, dtype=torch.float64).requires_grad_(wants != "target")
+    y = torch.randn(700, 400, generator=g, dtype=torch.float64).requires_grad_(wants != "input")
+    leaves = [t for t in (x, y) if t.requires_grad]
+    ours = getattr(fl, name)(x, y, **kwargs)
+    theirs = getattr(F, name)(x, y, **kwargs)
+    for scale in (1.0, 3.0, -0.5):  # the first consumes the formed gradient; the others recompute
+        expected = torch.autograd.grad(scale * theirs, leaves, retain_graph=True)
+        got = torch.autograd.grad(scale * ours, leaves, retain_graph=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b)
+    again = getattr(fl, name)(x, y, **kwargs)
+    second = torch.autograd.grad(again, leaves, create_graph=True)
+    for a, b in zip(second, torch.autograd.grad(theirs, leaves, retain_graph=True)):
+        torch.testing.assert_close(a, b)
+        assert a.requires_grad  # differentiable: the formed gradient was not used
+    for a, b in zip(torch.autograd.grad(again, leaves), torch.autograd.grad(theirs, leaves)):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(getattr(fl, name)(x, y, **kwargs), getattr(F, name)(x, y, **kwargs))
+
+
 @pytest.mark.parametrize("row", rows())
 def test_meta_tensors_give_torchs_shapes(row: Row) -> None:
     """On the meta device (shape inference, no data) a loss runs wherever torch's runs."""

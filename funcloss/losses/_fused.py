@@ -5,8 +5,10 @@ of primitives is a full pass over memory, where torch's fused kernels make one. 
 ``"mean"``/``"sum"`` reductions the forward runs over cache-sized chunks of the flattened
 inputs, reusing two scratch buffers and reducing each chunk through dot products and norms (no
 full-size temporary is allocated: on a machine where fresh large allocations fault in their
-pages, that costs more than the arithmetic). The backward writes the derivative in place into
-the gradient it returns, recomputing it from ``input`` and ``target``; when the backward itself
+pages, that costs more than the arithmetic). l1, mse and huber write their derivative's
+direction into the gradient buffer during the forward (the total is computed from it anyway),
+and the first backward only scales it in place; the BCEs' backward writes the derivative in
+place into the gradient it returns, recomputing it from ``input`` and ``target``. When the backward itself
 is differentiated (``create_graph=True``) it uses differentiable primitives instead, so a
 second derivative in eager mode (a gradient penalty, ``torch.autograd.functional.hessian``)
 stays exact. Under torch.func transforms and
@@ -15,7 +17,7 @@ torch.compile the losses use their plain composition instead (see `use_fused`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -48,21 +50,21 @@ def use_fused(input: Tensor, target: Tensor, reduction: str) -> bool:
 _CHUNK = 1 << 18
 
 
-def _chunked(total: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], input: Tensor, target: Tensor) -> Tensor:
-    """``sum_k total(input_k, target_k, scratch_1, scratch_2)`` over chunks of the flattened
-    inputs; the scratch buffers are reused from chunk to chunk."""
+def _chunks(input: Tensor, target: Tensor, scratch: int) -> Iterator[tuple[slice, Tensor, Tensor, list[Tensor]]]:
+    """Cache-sized chunks of the flattened inputs: ``(rows, input_k, target_k, buffers)``, with
+    ``scratch`` buffers of the chunk's size, the same ones reused from chunk to chunk."""
     x, y = input.reshape(-1), target.reshape(-1)
     n = x.numel()
     size = min(n, _CHUNK) if x.device.type == "cpu" else n
-    scratch = torch.empty(2, size, dtype=x.dtype, device=x.device)
-    if size == n:
-        return total(x, y, scratch[0], scratch[1])
-    parts = []
+    buffers = torch.empty(scratch, size, dtype=x.dtype, device=x.device).unbind(0) if scratch else ()
     for start in range(0, n, size):
-        k = min(size, n - start)
-        parts.append(total(x[start : start + k], y[start : start + k], scratch[0, :k], scratch[1, :k]))
-    result: Tensor = torch.stack(parts).sum()
-    return result
+        rows = slice(start, min(n, start + size))
+        k = rows.stop - start
+        yield rows, x[rows], y[rows], [buf[:k] for buf in buffers]
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 # The Functions here run in eager mode only, so they take the classic ``forward(ctx, ...)``
@@ -71,42 +73,68 @@ def _chunked(total: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], input: T
 
 
 class _DifferenceLoss(torch.autograd.Function):
+    """``factor * sum(loss(input - target))`` for l1, mse and huber.
+
+    When a gradient will be wanted (``keep_grad``), the forward writes the derivative's
+    direction (``d`` for mse, ``sign(d)`` for l1, ``clamp(d, -delta, delta)`` for huber, all
+    of which the total is computed from anyway) into one input-sized buffer as it goes, and
+    the first backward scales that buffer in place and returns it: no pass over the inputs is
+    repeated. A backward under create_graph, or a second backward (retain_graph), recomputes
+    the derivative from the saved inputs.
+    """
+
     @staticmethod
-    def forward(ctx: Any, input: Tensor, target: Tensor, kind: Kind, delta: float, factor: float) -> Tensor:
+    def forward(
+        ctx: Any, input: Tensor, target: Tensor, kind: Kind, delta: float, factor: float, keep_grad: bool
+    ) -> Tensor:
         ctx.save_for_backward(input, target)
         ctx.kind, ctx.delta, ctx.factor = kind, delta, factor
-
-        def chunk_total(x: Tensor, y: Tensor, d: Tensor, c: Tensor) -> Tensor:
-            torch.sub(x, y, out=d)
+        # The derivative's direction, chunk by chunk: into the kept buffer, or into scratch.
+        direction = torch.empty(input.numel(), dtype=input.dtype, device=input.device) if keep_grad else None
+        parts = []
+        scratch = (0 if kind == "mse" else 1) + (direction is None)
+        for rows, x, y, buffers in _chunks(input, target, scratch):
+            out = buffers.pop() if direction is None else direction[rows]
             if kind == "mse":
-                return torch.dot(d, d)
+                parts.append(torch.dot(torch.sub(x, y, out=out), out))
+                continue
+            d = torch.sub(x, y, out=buffers[0])
             if kind == "l1":
-                norm: Tensor = torch.linalg.vector_norm(d, ord=1)
-                return norm
-            torch.clamp(d, -delta, delta, out=c)  # huber(d) = c (d - c / 2)
-            return torch.dot(c, d) - 0.5 * torch.dot(c, c)
-
-        return _chunked(chunk_total, input, target) * factor
+                parts.append(torch.dot(torch.sign(d, out=out), d))  # sign(d) d = |d|, exactly
+            else:
+                torch.clamp(d, -delta, delta, out=out)  # huber(d) = c (d - c / 2)
+                parts.append(torch.dot(out, d) - 0.5 * torch.dot(out, out))
+        total = _sum(parts)
+        ctx.direction = None if direction is None else direction.view(input.shape)
+        return total * factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        scale = grad * (2.0 * ctx.factor if ctx.kind == "mse" else ctx.factor)
+        direction, ctx.direction = ctx.direction, None  # used once; a second backward recomputes
+        rest = (None,) * 4
+        if direction is not None and not torch.is_grad_enabled():
+            if not need_x:
+                return None, direction.mul_(-scale), *rest
+            dx = direction.mul_(scale)
+            return dx, (-dx if need_y else None), *rest
         input, target = ctx.saved_tensors
         d = input - target
         if torch.is_grad_enabled():  # create_graph: the backward is differentiated, stay out of place
             if ctx.kind == "mse":
-                dx = d * (grad * (2.0 * ctx.factor))
+                dx = d * scale
             elif ctx.kind == "l1":
-                dx = d.sign() * (grad * ctx.factor)
+                dx = d.sign() * scale
             else:
-                dx = F.hardtanh(d, -ctx.delta, ctx.delta) * (grad * ctx.factor)
+                dx = F.hardtanh(d, -ctx.delta, ctx.delta) * scale
         elif ctx.kind == "mse":
-            dx = d.mul_(grad * (2.0 * ctx.factor))
+            dx = d.mul_(scale)
         elif ctx.kind == "l1":
-            dx = d.sign_().mul_(grad * ctx.factor)
+            dx = d.sign_().mul_(scale)
         else:
-            dx = d.clamp_(-ctx.delta, ctx.delta).mul_(grad * ctx.factor)
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (dx if need_x else None), (-dx if need_y else None), None, None, None
+            dx = d.clamp_(-ctx.delta, ctx.delta).mul_(scale)
+        return (dx if need_x else None), (-dx if need_y else None), *rest
 
 
 def fused_difference_loss(
@@ -114,7 +142,8 @@ def fused_difference_loss(
 ) -> Tensor:
     """``reduce(loss(input - target))`` for l1 / mse / huber (``delta``), times ``scale``."""
     factor = scale / input.numel() if reduction == "mean" else scale
-    out: Tensor = _DifferenceLoss.apply(input, target, kind, delta, factor)  # type: ignore[no-untyped-call]
+    keep_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
+    out: Tensor = _DifferenceLoss.apply(input, target, kind, delta, factor, keep_grad)  # type: ignore[no-untyped-call]
     return out
 
 
@@ -135,11 +164,11 @@ class _LogitsBCE(_PairTotal):
     def forward(ctx: Any, input: Tensor, target: Tensor, factor: float) -> Tensor:
         _PairTotal.keep(ctx, input, target, factor)
 
-        def chunk_total(x: Tensor, y: Tensor, sp: Tensor, _: Tensor) -> Tensor:
+        parts = []
+        for _, x, y, (sp,) in _chunks(input, target, 1):
             torch.nn.functional.softplus(x, out=sp)  # type: ignore[call-arg]
-            return sp.sum() - torch.dot(x, y)
-
-        return _chunked(chunk_total, input, target) * factor
+            parts.append(sp.sum() - torch.dot(x, y))
+        return _sum(parts) * factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -164,13 +193,13 @@ class _ProbabilityBCE(_PairTotal):
     def forward(ctx: Any, input: Tensor, target: Tensor, factor: float) -> Tensor:
         _PairTotal.keep(ctx, input, target, factor)
 
-        def chunk_total(p: Tensor, y: Tensor, log_q: Tensor, log_p: Tensor) -> Tensor:
+        parts = []
+        for _, p, y, (log_q, log_p) in _chunks(input, target, 2):
             # y log p + (1 - y) log q = log q + y (log p - log q)
             torch.log1p(torch.neg(p, out=log_q), out=log_q)
             torch.log(p, out=log_p)
-            return log_q.sum() + torch.dot(y, log_p.sub_(log_q))
-
-        return -_chunked(chunk_total, input, target) * factor
+            parts.append(log_q.sum() + torch.dot(y, log_p.sub_(log_q)))
+        return -_sum(parts) * factor
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
