@@ -103,7 +103,7 @@ class _DifferenceLoss(torch.autograd.Function):
                 parts.append(torch.dot(torch.sign(d, out=out), d))  # sign(d) d = |d|, exactly
             else:
                 torch.clamp(d, -delta, delta, out=out)  # huber(d) = c (d - c / 2)
-                parts.append(torch.dot(out, d) - 0.5 * torch.dot(out, out))
+                parts.append(torch.dot(out, d.sub_(out, alpha=0.5)))
         total = _sum(parts)
         ctx.direction = None if direction is None else direction.view(input.shape)
         return total * factor
