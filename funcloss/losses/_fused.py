@@ -3,7 +3,7 @@
 On large inputs these losses are bound by memory traffic: every intermediate of a composition
 of primitives is a full pass over memory, where torch's fused kernels make one. For the
 ``"mean"``/``"sum"`` reductions the forward runs over cache-sized chunks of the flattened
-inputs, reusing two scratch buffers and reducing each chunk through dot products and norms (no
+inputs, reusing chunk-sized scratch buffers and reducing each chunk through dot products (no
 full-size temporary is allocated: on a machine where fresh large allocations fault in their
 pages, that costs more than the arithmetic). l1, mse and huber write their derivative's
 direction into the gradient buffer during the forward (the total is computed from it anyway),
@@ -89,12 +89,13 @@ class _DifferenceLoss(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(input, target)
         ctx.kind, ctx.delta, ctx.factor = kind, delta, factor
-        # The derivative's direction, chunk by chunk: into the kept buffer, or into scratch.
+        # The derivative's direction, written chunk by chunk into the kept buffer or into scratch.
         direction = torch.empty(input.numel(), dtype=input.dtype, device=input.device) if keep_grad else None
         parts = []
+        # Scratch: the difference d (l1, huber), and the direction when it is not kept.
         scratch = (0 if kind == "mse" else 1) + (direction is None)
         for rows, x, y, buffers in _chunks(input, target, scratch):
-            out = buffers.pop() if direction is None else direction[rows]
+            out = buffers[-1] if direction is None else direction[rows]
             if kind == "mse":
                 parts.append(torch.dot(torch.sub(x, y, out=out), out))
                 continue
