@@ -246,7 +246,8 @@ def _alphas_no_grad(emit: Tensor, skip: Tensor) -> Tensor:
     runs vectorised (a batch-major layout's per-row tails made each step about 2x slower).
     """
     steps, size, batch = emit.shape
-    padded = torch.full((steps, size + 2, batch), _neg(emit.dtype), dtype=emit.dtype, device=emit.device)
+    padded = torch.empty((steps, size + 2, batch), dtype=emit.dtype, device=emit.device)
+    padded[:, :2].fill_(_neg(emit.dtype))  # the recursion writes every other row
     alphas, minus1, minus2 = padded[:, 2:], padded[:, 1:-1], padded[:, :-2]
     torch.add(emit[0], _start(size, emit.dtype, emit.device).unsqueeze(1), out=alphas[0])
     step, jump = torch.empty_like(skip), torch.empty_like(skip)
@@ -262,11 +263,21 @@ def _alphas_no_grad(emit: Tensor, skip: Tensor) -> Tensor:
 _LOG2E = math.log2(math.e)
 
 
+def _flat_classes(ext: Tensor, classes: int) -> Tensor:
+    """``(L * N,)``: where ``log_probs[t, n, ext[n, s]]`` sits in row ``t`` of the ``(T, N * C)``
+    view, state-major (``s`` outer, ``n`` inner)."""
+    batch = ext.size(0)
+    return (torch.arange(batch, device=ext.device) * classes + ext.t()).reshape(-1)
+
+
 def _emissions(log_probs: Tensor, ext: Tensor) -> Tensor:
-    """``log p_t(l'_s)`` for every step, state and sequence, state-major: ``(T, L, N)``."""
-    steps, _, _ = log_probs.shape
-    size, batch = ext.size(1), ext.size(0)
-    return log_probs.transpose(1, 2).gather(1, ext.t().unsqueeze(0).expand(steps, size, batch))
+    """``log p_t(l'_s)`` for every step, state and sequence, state-major: ``(T, L, N)``.
+
+    One ``index_select`` along the rows of the ``(T, N * C)`` view: about twice as fast on the
+    CPU as a ``gather`` from the transposed ``(T, C, N)`` view."""
+    steps, batch, classes = log_probs.shape
+    rows = log_probs.reshape(steps, batch * classes)
+    return rows.index_select(1, _flat_classes(ext, classes)).view(steps, ext.size(1), batch)
 
 
 class _CTCFunction(torch.autograd.Function):
@@ -315,7 +326,6 @@ class _CTCFunction(torch.autograd.Function):
         size = ext.size(1)
         dtype, device = log_probs.dtype, log_probs.device
         neg = _neg(dtype)
-        index = ext.unsqueeze(0).expand(steps, batch, size)
         emit = _emissions(log_probs, ext)
         # beta_t(s): log-probability of finishing from state s at step t (emission at t
         # excluded). It starts at each sequence's last step; later steps hold ~neg, which
@@ -347,5 +357,8 @@ class _CTCFunction(torch.autograd.Function):
         # exp(x) as 2^(x log2 e): the same to rounding, and several times faster on CPU where
         # most states are unreachable (exp's vectorised path falls back for x far below -87).
         posterior = torch.where(feasible, occupancy.mul_(_LOG2E).exp2_(), zero)
-        weights = (grad_ll * posterior).transpose(1, 2)  # (T, N, L)
-        return torch.zeros_like(log_probs).scatter_add_(2, index, weights), None, None, None, None
+        # Each state's posterior added into its class's column of the (T, N * C) view.
+        weights = (grad_ll * posterior).reshape(steps, size * batch)
+        flat = torch.zeros((steps, batch * log_probs.size(2)), dtype=dtype, device=device)
+        grad = flat.index_add_(1, _flat_classes(ext, log_probs.size(2)), weights).view(log_probs.shape)
+        return grad, None, None, None, None
