@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import funcloss as fl
 from funcloss._bench.cases import Sampler
+from funcloss.losses import _fused
 
 from .harness import quiet_call
 from .registry import DEVICES, ROWS, Row, rows
@@ -313,11 +314,20 @@ FUSED = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize(("name", "kwargs"), FUSED, ids=[f"{n}-{k}" for n, k in FUSED])
 def test_large_inputs_take_the_fast_path_and_still_match_torch(
-    name: str, kwargs: dict[str, float], dtype: torch.dtype, reduction: str, shape: tuple[int, int], device: str
+    name: str,
+    kwargs: dict[str, float],
+    dtype: torch.dtype,
+    reduction: str,
+    shape: tuple[int, int],
+    device: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Large eager inputs reduce chunk by chunk through dot products (600 x 500: two full chunks
-    and a partial one) and their backward writes in place; values, gradients (input and
-    target, with and without create_graph) and second derivatives must still be torch's."""
+    """Large eager inputs reduce chunk by chunk through dot products (600 x 500 in chunks of
+    2^17 on the CPU: two full chunks and a partial one) and their backward writes in place;
+    values, gradients (input and target, with and without create_graph) and second
+    derivatives must still be torch's."""
+    if shape == (600, 500):
+        monkeypatch.setattr(_fused, "_CHUNK", 1 << 17)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(True)
     y = torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_(True)
@@ -365,12 +375,14 @@ def test_fast_path_with_non_contiguous_inputs(name: str, kwargs: dict[str, float
 @pytest.mark.parametrize("wants", ["input", "target", "both"])
 @pytest.mark.parametrize(("name", "kwargs"), FUSED[:5], ids=[f"{n}-{k}" for n, k in FUSED[:5]])
 def test_fast_path_gradient_formed_in_the_forward_serves_one_backward(
-    name: str, kwargs: dict[str, float], wants: str
+    name: str, kwargs: dict[str, float], wants: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """l1/mse/huber/smooth_l1 form their gradient's direction in the forward and the first
-    backward scales it in place. Whichever of input and target requires grad, a second
-    backward (retain_graph) with another incoming gradient, one after a create_graph
-    backward, and a forward under no_grad must all still give torch's gradients."""
+    """l1/mse/huber/smooth_l1 form their gradient's direction in the forward (here in three
+    chunks) and the first backward scales it in place. Whichever of input and target
+    requires grad, a second backward (retain_graph) with another incoming gradient, one after
+    a create_graph backward, and a forward under no_grad must all still give torch's
+    gradients."""
+    monkeypatch.setattr(_fused, "_CHUNK", 1 << 17)
     g = torch.Generator().manual_seed(2)
     x = torch.randn(700, 400, generator=g, dtype=torch.float64).requires_grad_(wants != "target")
     y = torch.randn(700, 400, generator=g, dtype=torch.float64).requires_grad_(wants != "input")
