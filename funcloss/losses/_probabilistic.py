@@ -215,7 +215,7 @@ def kl_div(
     if log_target:
         values = torch.exp(target) * (target - input)
     else:
-        values = torch.xlogy(target, target) - target * input
+        values = torch.addcmul(torch.xlogy(target, target), target, input, value=-1.0)
     if reduction == "batchmean":
         return batchmean(values) if input.dim() != 0 else values.sum()
     return reduce(values, reduction)
