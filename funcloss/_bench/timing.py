@@ -83,7 +83,7 @@ def forward_backward(fn: Callable[..., Tensor], ex: Example) -> Callable[[], obj
 
 
 def under_vmap(fn: Callable[..., Tensor], ex: Example, *, grad: bool) -> Callable[[], object]:
-    flat, args, dims = mapped(fn, ex)
+    flat, args, dims = mapped(fn, ex, quiet=False)  # run_losses mutes the warnings around the run
     g = tf.vmap(tf.grad(flat) if grad else flat, in_dims=dims)
 
     def step() -> object:

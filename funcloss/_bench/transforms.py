@@ -27,6 +27,10 @@ def quiet_call(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
         return fn(*args, **kwargs)
 
 
+def _call(fn: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+    return fn(*args, **kwargs)
+
+
 def tangent_like(x: Tensor) -> Tensor:
     """A fixed, non-uniform direction of ``x``'s shape."""
     return torch.linspace(-1.0, 2.0, x.numel(), dtype=x.dtype, device=x.device).reshape(x.shape)
@@ -45,8 +49,12 @@ def positional(fn: Callable[..., Tensor], ex: Example, wrt: tuple[int, ...]) -> 
     return f, [ex.args[i] for i in wrt]
 
 
-def mapped(fn: Callable[..., Tensor], ex: Example) -> tuple[Callable[..., Tensor], list[Any], tuple[int | None, ...]]:
-    """``fn`` as a function of positional args only (tensor kwargs moved to the end), for vmap."""
+def mapped(
+    fn: Callable[..., Tensor], ex: Example, *, quiet: bool = True
+) -> tuple[Callable[..., Tensor], list[Any], tuple[int | None, ...]]:
+    """``fn`` as a function of positional args only (tensor kwargs moved to the end), for vmap;
+    with ``quiet``, each call mutes the expected warnings (the benchmark mutes them once around
+    the whole run instead, so no call pays for it)."""
     if ex.in_dims is None:
         raise ValueError("this example has no batch dimension to map over")
     names = [k for k, v in ex.kwargs.items() if isinstance(v, Tensor)]
@@ -54,7 +62,8 @@ def mapped(fn: Callable[..., Tensor], ex: Example) -> tuple[Callable[..., Tensor
     n = len(ex.args)
 
     def flat(*xs: Any) -> Tensor:
-        return quiet_call(fn, *xs[:n], **dict(zip(names, xs[n:])), **rest)
+        call = quiet_call if quiet else _call
+        return call(fn, *xs[:n], **dict(zip(names, xs[n:])), **rest)
 
     dims = tuple(ex.in_dims) + tuple(ex.kw_dims.get(k) for k in names)
     return flat, list(ex.args) + [ex.kwargs[k] for k in names], dims
