@@ -247,7 +247,7 @@ def _alphas_no_grad(emit: Tensor, skip: Tensor) -> Tensor:
     """
     steps, size, batch = emit.shape
     padded = torch.empty((steps, size + 2, batch), dtype=emit.dtype, device=emit.device)
-    padded[:, :2].fill_(_neg(emit.dtype))  # the recursion writes every other row
+    padded[:, :2].fill_(_neg(emit.dtype))  # the recursion writes all the rows after these
     alphas, minus1, minus2 = padded[:, 2:], padded[:, 1:-1], padded[:, :-2]
     torch.add(emit[0], _start(size, emit.dtype, emit.device).unsqueeze(1), out=alphas[0])
     step, jump = torch.empty_like(skip), torch.empty_like(skip)
@@ -273,8 +273,9 @@ def _flat_classes(ext: Tensor, classes: int) -> Tensor:
 def _emissions(log_probs: Tensor, ext: Tensor) -> Tensor:
     """``log p_t(l'_s)`` for every step, state and sequence, state-major: ``(T, L, N)``.
 
-    One ``index_select`` along the rows of the ``(T, N * C)`` view: about twice as fast on the
-    CPU as a ``gather`` from the transposed ``(T, C, N)`` view."""
+    One ``index_select`` along the rows of the ``(T, N * C)`` view, faster on the CPU than a
+    ``gather`` from the transposed ``(T, C, N)`` view (2.7x at T=200, N=16, C=40; 1.1x at
+    T=50, N=1024, C=20)."""
     steps, batch, classes = log_probs.shape
     rows = log_probs.reshape(steps, batch * classes)
     return rows.index_select(1, _flat_classes(ext, classes)).view(steps, ext.size(1), batch)
