@@ -2,16 +2,16 @@
 
 On large inputs these losses are bound by memory traffic: every intermediate of a composition
 of primitives is a full pass over memory, where torch's fused kernels make one. For the
-``"mean"``/``"sum"`` reductions the forward runs over cache-sized chunks of the flattened
-inputs, reusing chunk-sized scratch buffers and reducing each chunk through dot products (no
-full-size temporary is allocated: on a machine where fresh large allocations fault in their
-pages, that costs more than the arithmetic). l1, mse and huber write their derivative's
-direction into the gradient buffer during the forward (the total is computed from it anyway),
-and the first backward only scales it in place; the BCEs' backward writes the derivative in
-place into the gradient it returns, recomputing it from ``input`` and ``target``. When the backward itself
-is differentiated (``create_graph=True``) it uses differentiable primitives instead, so a
-second derivative in eager mode (a gradient penalty, ``torch.autograd.functional.hessian``)
-stays exact. Under torch.func transforms and
+``"mean"``/``"sum"`` reductions the forward runs over chunks (up to 2^20 elements) of the
+flattened inputs, reusing chunk-sized scratch buffers and reducing each chunk through dot
+products (no full-size temporary is allocated: on a machine where fresh large allocations
+fault in their pages, that costs more than the arithmetic). l1, mse and huber write their
+derivative's direction into the gradient buffer during the forward (the total is computed from
+it anyway), and the first backward only scales it in place; the BCEs' backward writes the
+derivative in place into the gradient it returns, recomputing it from ``input`` and
+``target``. When the backward itself is differentiated (``create_graph=True``) it uses
+differentiable primitives instead, so a second derivative in eager mode (a gradient penalty,
+``torch.autograd.functional.hessian``) stays exact. Under torch.func transforms and
 torch.compile the losses use their plain composition instead (see `use_fused`).
 """
 
@@ -54,8 +54,8 @@ _CHUNK = 1 << 20
 
 
 def _chunks(input: Tensor, target: Tensor, scratch: int) -> Iterator[tuple[slice, Tensor, Tensor, list[Tensor]]]:
-    """Cache-sized chunks of the flattened inputs: ``(rows, input_k, target_k, buffers)``, with
-    ``scratch`` buffers of the chunk's size, the same ones reused from chunk to chunk."""
+    """Chunks of the flattened inputs (one on accelerators): ``(rows, input_k, target_k,
+    buffers)``, with ``scratch`` buffers of the chunk's size, reused from chunk to chunk."""
     x, y = input.reshape(-1), target.reshape(-1)
     n = x.numel()
     size = min(n, _CHUNK) if x.device.type == "cpu" else n
