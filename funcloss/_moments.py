@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
@@ -92,35 +93,69 @@ class _Moments:
         torch.sum(signs.abs_(), 0, out=slot[3])
         norms += squares.sum(1)
 
-    def add_linear(self, weight: str | None, bias: str | None, g: Tensor, a: Tensor, norms: Tensor) -> None:
-        """Sums for a Linear layer on 2-D inputs, given ``G`` (b, out) and ``A`` (b, in). The
-        weight's per-sample gradients are ``g_i a_i^T``: its four sums are one batched matmul
-        of ``[G, G^2, sign G, |sign G|]^T`` and ``[A, A^2, sign A, |sign A|]``; the bias's
-        per-sample gradients are ``g_i``, whose sums are the row sums of the same left factor.
-        Squared norms: ``||g_i||^2 ||a_i||^2`` and ``||g_i||^2``."""
-        left = _powers(g).transpose(1, 2)
-        g_norms = left[1].sum(0)
-        if weight is not None:
-            right = _powers(a)
-            self.slot(weight).view(4, g.size(1), a.size(1)).copy_(torch.bmm(left, right))
-            a_norms = right[1].sum(1)
-            norms += g_norms * (a_norms + 1) if bias is not None else g_norms * a_norms
-        elif bias is not None:
-            norms += g_norms
-        if bias is not None:
-            torch.sum(left, 2, out=self.slot(bias))
+    def add_linears(self, layers: list[tuple[str | None, str | None, Tensor, Tensor]], norms: Tensor) -> None:
+        """Sums for Linear layers on 2-D inputs, given per layer its weight's and bias's names
+        (None where not trainable), ``G`` (b, out) and ``A`` (b, in).
 
-    def add_rows(self, name: str, rows: Tensor, per_row: Tensor) -> Tensor:
+        A weight's per-sample gradients are ``g_i a_i^T``: its four sums are one batched
+        matmul of ``[G, G^2, sign G, |sign G|]^T`` and ``[A, A^2, sign A, |sign A|]``; a
+        bias's per-sample gradients are ``g_i``, whose sums are the row sums of the same left
+        factor. Squared norms: ``||g_i||^2 (||a_i||^2 + 1)`` with a bias, ``||g_i||^2 ||a_i||^2``
+        without. The layers' ``G`` (and ``A``) share one powers buffer side by side, so each
+        power is one kernel for all layers.
+        """
+        gs = [g for _, _, g, _ in layers]
+        g_sizes = tuple(g.size(1) for g in gs)
+        a_sizes = tuple(a.size(1) if w is not None else 0 for w, _, _, a in layers)
+        b, g_total, a_total = gs[0].size(0), sum(g_sizes), sum(a_sizes)
+        products = max(g * a for g, a in zip(g_sizes, a_sizes))
+        # All temporaries of this call in one scratch buffer kept between calls.
+        scratch = _scratch(4 * (b * (g_total + a_total) + products), gs[0].dtype, gs[0].device)
+        left_end, right_end = 4 * b * g_total, 4 * b * (g_total + a_total)
+        left = _powers(gs, scratch[:left_end])  # (4, b, sum of outs)
+        inputs = [a for w, _, _, a in layers if w is not None]
+        right = _powers(inputs, scratch[left_end:right_end]) if inputs else None
+        product_buffer = scratch[right_end:]
+        # Per layer and sample: ||g_i||^2, and ||a_i||^2 (+1 where the layer has a bias).
+        g_norms = torch.empty(len(layers), left.size(1), dtype=left.dtype, device=left.device)
+        a_norms = torch.empty_like(g_norms)
+        g_start = a_start = 0
+        for k, ((_, bias, _, _), g_size, a_size) in enumerate(zip(layers, g_sizes, a_sizes)):
+            torch.sum(left[1, :, g_start : g_start + g_size], 1, out=g_norms[k])
+            if right is not None and a_size:
+                torch.sum(right[1, :, a_start : a_start + a_size], 1, out=a_norms[k])
+                if bias is not None:
+                    a_norms[k].add_(1.0)
+            else:
+                a_norms[k].fill_(1.0)  # a bias alone
+            g_start += g_size
+            a_start += a_size
+        norms.add_(torch.linalg.vecdot(g_norms, a_norms, dim=0))
+        g_start = a_start = 0
+        for (weight, bias, _, _), g_size, a_size in zip(layers, g_sizes, a_sizes):
+            block = left[:, :, g_start : g_start + g_size].transpose(1, 2)  # (4, out, b)
+            if weight is not None:
+                assert right is not None
+                product = product_buffer[: 4 * g_size * a_size].view(4, g_size, a_size)
+                torch.bmm(block, right[:, :, a_start : a_start + a_size], out=product)
+                self.slot(weight).view(4, g_size, a_size).copy_(product)
+            if bias is not None:
+                torch.sum(block, 2, out=self.slot(bias))
+            g_start += g_size
+            a_start += a_size
+
+    def add_rows(self, name: str, rows: Tensor, per_row: Tensor, spare: Tensor) -> Tensor:
         """Sums of per-(sample, row) gradients ``per_row`` (pairs, D) that touch rows ``rows``
         of a ``(V, D)`` parameter (an embedding). Returns the per-pair squared norms ``(pairs,)``.
 
-        The powers go one after another through a single scratch buffer: fresh memory is
-        what costs most here (its pages fault in), not the arithmetic."""
+        The powers go one after another through ``spare``, a buffer of ``per_row``'s shape:
+        fresh memory is what costs most here (its pages fault in), not the arithmetic."""
         slot = self.slot(name).view(4, *self.shapes[name])
         slot.zero_()
-        per_row = per_row.to(slot.dtype)
+        if per_row.dtype != slot.dtype:
+            per_row, spare = per_row.to(slot.dtype), torch.empty_like(per_row, dtype=slot.dtype)
         slot[0].index_add_(0, rows, per_row)
-        scratch = torch.mul(per_row, per_row)
+        scratch = torch.mul(per_row, per_row, out=spare)
         slot[1].index_add_(0, rows, scratch)
         sq_norms = scratch.sum(1)
         slot[2].index_add_(0, rows, torch.sign(per_row, out=scratch))
@@ -153,14 +188,37 @@ class _Moments:
         )
 
 
-def _powers(x: Tensor) -> Tensor:
-    """``stack([x, x^2, sign(x), |sign(x)|])``, written into one buffer."""
-    out = torch.empty((4, *x.shape), dtype=x.dtype, device=x.device)
-    out[0].copy_(x)
-    torch.mul(x, x, out=out[1])
-    torch.sign(x, out=out[2])
-    torch.abs(out[2], out=out[3])
+def _powers(xs: list[Tensor], buffer: Tensor) -> Tensor:
+    """``stack([x, x^2, sign(x), |sign(x)|])`` of the 2-D tensors ``xs`` (same rows) placed
+    side by side along dim 1, written into the flat ``buffer``: the ``xs`` and their signs
+    first, then both squared by one multiply (``sign(x)^2 = |sign(x)|``)."""
+    out = buffer.view(4, xs[0].size(0), -1)
+    start = 0
+    for x in xs:
+        out[0, :, start : start + x.size(1)].copy_(x)
+        start += x.size(1)
+    torch.sign(out[0], out=out[2])
+    firsts = out[0::2]
+    torch.mul(firsts, firsts, out=out[1::2])
     return out
+
+
+# Scratch kept between calls, per thread and (dtype, device), up to this many elements (16 MiB
+# of float32): fresh memory costs more than the arithmetic on these temporaries (its pages
+# fault in on every call).
+_SCRATCH_LIMIT = 1 << 22
+_scratch_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A flat buffer of ``numel`` elements for temporaries that do not outlive the call."""
+    if numel > _SCRATCH_LIMIT:
+        return torch.empty(numel, dtype=dtype, device=device)
+    kept: dict[tuple[torch.dtype, torch.device], Tensor] = _scratch_buffers.__dict__.setdefault("kept", {})
+    buffer = kept.get((dtype, device))
+    if buffer is None or buffer.numel() < numel:
+        buffer = kept[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
 
 
 _CLASS_LOSSES: dict[Callable[..., Tensor], frozenset[str]] = {
@@ -183,6 +241,64 @@ _ELEMENTWISE_LOSSES: dict[Callable[..., Tensor], frozenset[str]] = {
 }
 
 
+def _unwrapped(
+    loss_fn: Callable[..., Tensor], loss_kwargs: Mapping[str, Any]
+) -> tuple[Callable[..., Tensor], dict[str, Any]]:
+    """The function under keyword-only ``functools.partial`` layers, and all the keywords."""
+    kwargs = dict(loss_kwargs)
+    while isinstance(loss_fn, functools.partial) and not loss_fn.args:
+        kwargs = {**loss_fn.keywords, **kwargs}
+        loss_fn = loss_fn.func
+    return loss_fn, kwargs
+
+
+def _output_grad(
+    loss_fn: Callable[..., Tensor], loss_kwargs: Mapping[str, Any]
+) -> Callable[[Tensor, Tensor], Tensor | None] | None:
+    """For `cross_entropy` and `nll_loss` (funcloss's or torch's) with class indices, the
+    gradient of the summed per-sample losses with respect to the model's output, in closed
+    form (no graph through the loss); None for any other loss.
+
+    Sample ``n``'s cross-entropy is ``-sum_c q_nc log softmax(z_n)_c`` with
+    ``q_n = (1 - eps) e_{y_n} + eps / C`` (``eps`` the label smoothing), whose gradient is
+    ``softmax(z_n) - q_n``; its NLL of log-probabilities ``z_n`` is ``-z_{n, y_n}``, with
+    gradient ``-e_{y_n}``. The calls that qualify are those `_rowwise` takes (2-D float32 or
+    float64 scores, 1-D int64 class indices, none ignored, eager mode), outside autocast
+    (whose precision the loss's own graph keeps). A target out of range raises the loss's
+    ``IndexError``. Where a call does not qualify, the returned function gives None.
+    """
+    fn, kwargs = _unwrapped(loss_fn, loss_kwargs)
+    if fn not in _CLASS_LOSSES or not set(kwargs) <= _CLASS_LOSSES[fn]:
+        return None
+    softmax = fn in (fl_class.cross_entropy, F.cross_entropy)
+    eps = kwargs.get("label_smoothing", 0.0)
+    if not isinstance(eps, float | int) or not 0.0 <= eps <= 1.0:
+        return None  # the loss's own call reports it
+
+    def grad(out: Tensor, target: Tensor) -> Tensor | None:
+        if (
+            out.dim() != 2
+            or out.dtype not in (torch.float32, torch.float64)
+            or target.shape != out.shape[:1]
+            or target.dtype != torch.int64
+            or not is_eager()
+            or torch.is_autocast_enabled(out.device.type)
+        ):
+            return None
+        classes = out.size(1)
+        if not fl_class._check_in_range(target, classes, -100):
+            return None  # some target ignored, or not known on an accelerator
+        with torch.no_grad():
+            if softmax:
+                g = torch.softmax(out, 1)
+                if eps:
+                    g.sub_(eps / classes)
+                return g.scatter_(1, target.unsqueeze(1), eps - 1.0, reduce="add")
+            return torch.zeros_like(out).scatter_(1, target.unsqueeze(1), -1.0, reduce="add")
+
+    return grad
+
+
 def _rowwise(
     loss_fn: Callable[..., Tensor], loss_kwargs: Mapping[str, Any]
 ) -> Callable[[Tensor, Tensor], Tensor | None] | None:
@@ -195,10 +311,7 @@ def _rowwise(
     elementwise losses for a target of the input's shape. Where a call does not qualify, the
     returned function gives None and the caller vmaps the loss over samples.
     """
-    kwargs = dict(loss_kwargs)
-    while isinstance(loss_fn, functools.partial) and not loss_fn.args:
-        kwargs = {**loss_fn.keywords, **kwargs}
-        loss_fn = loss_fn.func
+    loss_fn, kwargs = _unwrapped(loss_fn, loss_kwargs)
     if loss_fn in _CLASS_LOSSES and set(kwargs) <= _CLASS_LOSSES[loss_fn]:
         fn = loss_fn
 
@@ -279,6 +392,7 @@ def _captured(
         return loss_fn(out.unsqueeze(0), target.unsqueeze(0), **loss_kwargs)
 
     rowwise = _rowwise(loss_fn, loss_kwargs)
+    output_grad = _output_grad(loss_fn, loss_kwargs)
 
     def batched_loss(out: Tensor, target: Tensor) -> Tensor:
         losses = rowwise(out, target) if rowwise is not None else None
@@ -300,7 +414,11 @@ def _captured(
                 raise _Unsupported
             names = list(layers)
             outputs = [seen[name][0][1] for name in names]
-            grads = torch.autograd.grad(batched_loss(out, targets[rows]).sum(), outputs, allow_unused=True)
+            closed = output_grad(out, targets[rows]) if output_grad is not None else None
+            if closed is not None:
+                grads = torch.autograd.grad(out, outputs, closed, allow_unused=True)
+            else:
+                grads = torch.autograd.grad(batched_loss(out, targets[rows]).sum(), outputs, allow_unused=True)
         captured = []
         for name, grad_out in zip(names, grads):
             layer_in, layer_out = seen[name][0]
@@ -331,8 +449,18 @@ def layer_moments(
     try:
         for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
             norms = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=inputs.device)
+            linears: dict[tuple[torch.dtype, torch.dtype], list[tuple[str | None, str | None, Tensor, Tensor]]] = {}
             for name, module, layer_in, grad_out in captured:
-                _fold(acc, name, module, layer_in, grad_out, norms)
+                if isinstance(module, nn.Linear) and layer_in.dim() == 2:
+                    # Linear layers on 2-D inputs are summed together (fewer, larger kernels).
+                    weight_key = _key(name, "weight") if module.weight.requires_grad else None
+                    bias_key = _key(name, "bias") if module.bias is not None and module.bias.requires_grad else None
+                    group = linears.setdefault((grad_out.dtype, layer_in.dtype), [])
+                    group.append((weight_key, bias_key, grad_out, layer_in))
+                else:
+                    _fold(acc, name, module, layer_in, grad_out, norms)
+            for group in linears.values():
+                acc.add_linears(group, norms)
             acc.end_chunk()
             acc.norms.append(norms)
             if progress:
@@ -439,25 +567,24 @@ def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, nor
             acc.add_dense(_key(name, "bias"), g.sum((2, 3)), norms)
         return
     if isinstance(module, nn.Embedding):
-        vocab, dim = weight.shape
+        dim = weight.size(1)
         ids = a.reshape(b, -1)
-        key = (torch.arange(b, device=ids.device).unsqueeze(1) * vocab + ids).reshape(-1)
-        pairs, where = torch.unique(key, return_inverse=True)
-        per_pair = torch.zeros(pairs.numel(), dim, dtype=g.dtype, device=g.device)
-        per_pair.index_add_(0, where, g.reshape(-1, dim))
-        token, sample = pairs % vocab, pairs // vocab
+        # One key per (token, sample) pair, token-major, so that the pairs come out sorted by
+        # token (the row sums below scatter faster into sorted rows); shifts split it again.
+        shift = max(1, (b - 1).bit_length())
+        key = (ids.long() << shift).add_(torch.arange(b, device=ids.device).unsqueeze(1))
+        pairs, where = torch.unique(key.reshape(-1), return_inverse=True)
+        size = pairs.numel() * dim
+        per_pair, spare = _scratch(2 * size, g.dtype, g.device).view(2, -1, dim).unbind(0)
+        per_pair.zero_().index_add_(0, where, g.reshape(-1, dim))
+        token, sample = pairs >> shift, pairs & ((1 << shift) - 1)
         if module.padding_idx is not None:
-            per_pair = per_pair * (token != module.padding_idx).unsqueeze(1)
-        sq_norms = acc.add_rows(_key(name, "weight"), token, per_pair)
+            per_pair.mul_((token != module.padding_idx).unsqueeze(1))
+        sq_norms = acc.add_rows(_key(name, "weight"), token, per_pair, spare)
         norms.index_add_(0, sample, sq_norms.to(norms.dtype))
         return
     bias = cast(Tensor | None, module.bias)
-    if a.dim() == 2:
-        weight_key = _key(name, "weight") if weight.requires_grad else None
-        bias_key = _key(name, "bias") if bias is not None and bias.requires_grad else None
-        acc.add_linear(weight_key, bias_key, g, a, norms)
-        return
-    # Inputs (b, ..., in): a sum of outer products per sample, formed for this chunk.
+    # A Linear layer on inputs (b, ..., in): a sum of outer products per sample, formed for this chunk.
     g3, a3 = g.reshape(b, -1, g.size(-1)), a.reshape(b, -1, a.size(-1))
     if weight.requires_grad:
         acc.add_dense(_key(name, "weight"), torch.einsum("bto,bti->boi", g3, a3), norms)

@@ -548,6 +548,114 @@ def test_losses_that_do_not_reduce_to_rows_keep_the_per_sample_definition() -> N
             torch.testing.assert_close(grads[name], v, equal_nan=True)
 
 
+@pytest.mark.parametrize(
+    ("label", "loss", "kind"), [r for r in ROWWISE if r[2] == "index"], ids=[r[0] for r in ROWWISE if r[2] == "index"]
+)
+def test_closed_form_output_gradient_equals_autograd_of_the_summed_losses(
+    label: str, loss: Callable[..., Tensor], kind: str
+) -> None:
+    from funcloss._moments import _output_grad
+
+    g = torch.Generator().manual_seed(5)
+    out = torch.randn(6, 4, generator=g, dtype=D, requires_grad=True)
+    y = _rowwise_targets(kind, 6, 4, g)
+    closed = _output_grad(loss, {})
+    assert closed is not None, f"{label} should have a closed-form output gradient"
+    ours = closed(out, y)
+    assert ours is not None and not ours.requires_grad
+    summed = torch.stack([loss(out[i : i + 1], y[i : i + 1]) for i in range(6)]).sum()
+    (expected,) = torch.autograd.grad(summed, out)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_closed_form_output_gradient_only_where_it_holds() -> None:
+    """Other losses, weights, ignored or float targets, K-dimensional scores, float16 and
+    autocast take the loss's own graph; a target out of range raises the loss's IndexError."""
+    from funcloss._moments import _output_grad
+
+    w = torch.ones(4, dtype=D)
+    assert _output_grad(fl.multi_margin_loss, {}) is None
+    assert _output_grad(fl.cross_entropy, {"weight": w}) is None
+    assert _output_grad(fl.nll_loss, {"label_smoothing": 0.1}) is None
+    closed = _output_grad(fl.cross_entropy, {"label_smoothing": 0.1})
+    assert closed is not None
+    out = torch.randn(5, 4, dtype=D)
+    y = torch.tensor([0, 1, 2, 3, 1])
+    assert closed(out, torch.where(y == 2, -100, y)) is None
+    assert closed(out, torch.rand(5, 4, dtype=D)) is None
+    assert closed(out.unsqueeze(2), y.unsqueeze(1)) is None
+    assert closed(out.half(), y) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert closed(out, y) is None
+    with pytest.raises(IndexError, match="out of bounds"):
+        closed(out, torch.tensor([0, 1, 4, 3, 1]))
+    model, x, targets = _setup("mlp")
+    with pytest.raises(IndexError, match="out of bounds"):
+        fl.grad_stats(model, fl.cross_entropy, x, torch.full_like(targets, 3))
+
+
+class Frozen(nn.Module):
+    """Linear layers with a frozen weight (bias trainable), no bias, and ReLU zeros between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 7)
+        self.b = nn.Linear(7, 6, bias=False)
+        self.c = nn.Linear(6, 4)
+        self.c.bias.requires_grad_(False)
+        self.d = nn.Linear(4, 3)
+        self.a.weight.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.d(torch.relu(self.c(torch.relu(self.b(torch.relu(self.a(x)))))))
+        return out
+
+
+def test_linear_layers_summed_together_match_a_loop() -> None:
+    """The Linear layers of a chunk share one powers buffer: frozen weights, missing and frozen
+    biases, and ReLU's exact zeros (counted in ``zeros``) against a loop; twice, so the second
+    call reuses the kept scratch, and once with no scratch kept."""
+    import funcloss._moments as moments
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(6)
+    model = Frozen().double()
+    x, y = torch.randn(10, 5, generator=g, dtype=D), torch.randint(0, 3, (10,), generator=g)
+    expected = _loop_trainable(model, fl.cross_entropy, x, y)
+    flat = torch.cat([v.reshape(10, -1) for v in expected.values()], dim=1)
+    assert sorted(expected) == ["a.bias", "b.weight", "c.weight", "d.bias", "d.weight"]
+    assert bool((flat == 0).any()), "the ReLUs should give exact zeros"
+    limits = [moments._SCRATCH_LIMIT, moments._SCRATCH_LIMIT, 0]
+    for chunk, limit in zip([None, 3, 4], limits):
+        moments._SCRATCH_LIMIT = limit
+        try:
+            s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=chunk)
+        finally:
+            moments._SCRATCH_LIMIT = limits[0]
+        assert sorted(s.mean) == sorted(expected)
+        for name, v in expected.items():
+            torch.testing.assert_close(s.mean[name], v.mean(0))
+            torch.testing.assert_close(s.variance[name], v.var(0))
+            torch.testing.assert_close(s.sign_sum[name], v.sign().sum(0))
+            torch.testing.assert_close(s.zeros[name], (v == 0).sum(0).to(D))
+        torch.testing.assert_close(s.sq_norms, (flat**2).sum(1))
+
+
+def test_embedding_moments_with_int32_token_ids() -> None:
+    model, x, y = _setup("bag")
+    expected = _loop(model, fl.cross_entropy, x, y)
+    s = fl.grad_stats(model, fl.cross_entropy, x.int(), y, chunk_size=4)
+    for name, v in expected.items():
+        torch.testing.assert_close(s.mean[name], v.mean(0))
+        torch.testing.assert_close(s.variance[name], v.var(0))
+
+
+def _loop_trainable(model: nn.Module, loss: Callable[..., Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = [torch.autograd.grad(loss(model(x[i : i + 1]), y[i : i + 1]), [p for _, p in named]) for i in range(len(x))]
+    return {n: torch.stack([r[k] for r in rows]) for k, (n, _) in enumerate(named)}
+
+
 class _Recurrent(nn.Module):
     def __init__(self, cell: bool) -> None:
         super().__init__()
