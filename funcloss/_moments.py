@@ -32,6 +32,7 @@ import torch
 import torch.func as tf
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.grad import conv2d_weight
 
 from ._checks import is_eager
 from ._per_sample import GradStats
@@ -488,30 +489,47 @@ def layer_grads(
     if layers is None:
         return None
     n = inputs.size(0)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # A convolution's per-sample weight gradients come out of their own kernel: with the whole
+    # batch in one chunk they are the result as they come (no copy into a buffer).
+    direct: dict[str, Tensor] | None = {} if chunk_size >= n else None
+    skip = {_key(k, "weight") for k, m in layers.items() if isinstance(m, nn.Conv2d)} if direct is not None else set()
     result = {
-        name: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device)
-        for name, p in model.named_parameters()
-        if p.requires_grad
+        name: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for name, p in trainable if name not in skip
     }
     try:
         for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
             b = rows.stop - rows.start
             views = {k: v[rows].view(b, -1) for k, v in result.items()}
             for name, module, layer_in, grad_out in captured:
-                _write_per_sample(views, name, module, layer_in, grad_out)
+                _write_per_sample(views, name, module, layer_in, grad_out, direct)
     except _Unsupported:
         return None
+    if direct:
+        return {name: result[name] if name in result else direct[name] for name, _ in trainable}
     return result
 
 
-def _write_per_sample(views: Mapping[str, Tensor], name: str, module: nn.Module, a: Tensor, g: Tensor) -> None:
+def _write_per_sample(
+    views: Mapping[str, Tensor],
+    name: str,
+    module: nn.Module,
+    a: Tensor,
+    g: Tensor,
+    direct: dict[str, Tensor] | None = None,
+) -> None:
     """Write the chunk's per-sample gradients of ``module``'s parameters into ``views``
-    (``{param: (b, numel)}``, possibly strided slices of a shared buffer)."""
+    (``{param: (b, numel)}``, row slices of the result); with ``direct``, a convolution's
+    weight gradients (the whole batch) go there as computed instead."""
     b = g.size(0)
     weight = cast(Tensor, module.weight)
     if isinstance(module, nn.Conv2d):
         if weight.requires_grad:
-            views[_key(name, "weight")].view(b, weight.size(0), -1).copy_(_conv_weight_grads(module, a, g))
+            grads = _conv_weight_grads(module, a, g)
+            if direct is not None:
+                direct[_key(name, "weight")] = grads.to(weight.dtype).reshape(b, *weight.shape)
+            else:
+                views[_key(name, "weight")].view(b, weight.size(0), -1).copy_(grads)
         if module.bias is not None and module.bias.requires_grad:
             torch.sum(g, dim=(2, 3), out=views[_key(name, "bias")])
         return
@@ -543,18 +561,38 @@ def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
 
     Sample ``i``'s gradient for weight ``[o, c, u, v]`` is
     ``sum_{h, w} g[i, o, h, w] a_pad[i, c, h s_h + u d_h, w s_w + v d_w]``: the output gradient
-    contracted with the input's patches. The patches are a strided view of the (padded) input,
-    so the only copy is the one the contraction makes (cheaper than ``unfold``'s here).
+    contracted with the input's patches. That is the weight gradient of one grouped
+    convolution with the samples as groups: input ``(1, b * in, H, W)``, output gradient
+    ``(1, b * out, H', W')``, ``groups=b`` (Rochette et al. 2019), which the convolution
+    backends compute without forming the patches. With a single input channel and a stride
+    above 1 (each group then a strided depthwise filter, slower there on the CPU as measured),
+    the patches are instead a strided view of the (padded) input, contracted by one einsum.
+
+    References:
+        Rochette, G., Manoel, A. and Tramel, E. W. "Efficient Per-Example Gradient
+        Computations in Convolutional Neural Networks", arXiv:1912.06015, 2019.
     """
-    b = g.size(0)
+    b, out = g.size(0), g.size(1)
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     ph, pw = cast(tuple[int, int], module.padding)
+    if module.in_channels > 1 or (sh, sw) == (1, 1):
+        # Under autocast the forward ran in g's (lower) precision: the input goes there too.
+        grads: Tensor = conv2d_weight(  # type: ignore[no-untyped-call]
+            a.to(g.dtype).reshape(1, -1, *a.shape[2:]),
+            (b * out, module.in_channels, kh, kw),
+            g.reshape(1, -1, *g.shape[2:]),
+            stride=(sh, sw),
+            padding=(ph, pw),
+            dilation=(dh, dw),
+            groups=b,
+        )
+        return grads.view(b, out, -1)
     if ph or pw:
         a = F.pad(a, (pw, pw, ph, ph))
     s_b, s_c, s_h, s_w = a.stride()
     ho, wo = g.shape[2:]
     patches = a.as_strided((b, a.size(1), ho, wo, kh, kw), (s_b, s_c, s_h * sh, s_w * sw, s_h * dh, s_w * dw))
-    return torch.einsum("bohw,bihwkl->boikl", g, patches).reshape(b, g.size(1), -1)
+    return torch.einsum("bohw,bihwkl->boikl", g, patches).reshape(b, out, -1)
 
 
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:

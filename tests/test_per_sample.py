@@ -417,27 +417,33 @@ def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
         fl.per_sample_grads(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("chunk", [3, None])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_conv_layers_with_stride_padding_dilation(groups: int) -> None:
-    """Conv2d per-sample gradients via unfold (or, for grouped convs, the vmap fallback), with
-    stride, padding and dilation; the third layer's stride does not divide its 5 x 5 input."""
+def test_conv_layers_with_stride_padding_dilation(groups: int, chunk: int | None) -> None:
+    """Conv2d per-sample gradients with stride, padding and dilation: the samples as groups of
+    one convolution, or for one input channel with a stride the patches' einsum (the first
+    layer), or for grouped convs the vmap fallback; strides, paddings and kernels differ between
+    height and width, and the last conv's stride does not divide its input. In chunks, and as
+    one chunk (the convolutions' gradients then are the result)."""
     torch.manual_seed(0)
     model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, stride=(2, 3), padding=(3, 2)),
         nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, bias=False, groups=groups),
         nn.Tanh(),
-        nn.Conv2d(4, 2, 2, padding=1),
-        nn.Conv2d(2, 2, 2, stride=2),
+        nn.Conv2d(4, 2, (2, 1), stride=(1, 2), padding=(1, 0)),
+        nn.Conv2d(2, 2, (2, 1), stride=(3, 2)),
         nn.Flatten(),
         nn.LazyLinear(3),
     ).double()
     g = torch.Generator().manual_seed(4)
-    x, y = torch.randn(7, 2, 9, 9, generator=g, dtype=D), torch.randint(0, 3, (7,), generator=g)
+    x, y = torch.randn(7, 1, 9, 9, generator=g, dtype=D), torch.randint(0, 3, (7,), generator=g)
     model(x)  # materialise the lazy layer
     expected = _loop(model, fl.cross_entropy, x, y)
-    grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=3)
+    grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=chunk)
+    assert list(grads) == list(expected)
     for name, v in expected.items():
         torch.testing.assert_close(grads[name], v)
-    s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=3)
+    s = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=chunk)
     for name, v in expected.items():
         torch.testing.assert_close(s.mean[name], v.mean(0))
         torch.testing.assert_close(s.variance[name], v.var(0))
