@@ -402,12 +402,13 @@ def _captured(
     n = inputs.size(0)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
+        chunk_inputs, chunk_targets = (inputs, targets) if chunk_size >= n else (inputs[rows], targets[rows])
         seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
         handles = [module.register_forward_hook(_recorder(seen[name])) for name, module in layers.items()]
         # Like torch.func.grad, work inside a caller's no_grad block.
         with torch.enable_grad():
             try:
-                out = model(inputs[rows])
+                out = model(chunk_inputs)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -415,19 +416,20 @@ def _captured(
                 raise _Unsupported
             names = list(layers)
             outputs = [seen[name][0][1] for name in names]
-            closed = output_grad(out, targets[rows]) if output_grad is not None else None
+            closed = output_grad(out, chunk_targets) if output_grad is not None else None
             if closed is not None:
                 grads = torch.autograd.grad(out, outputs, closed, allow_unused=True)
             else:
-                grads = torch.autograd.grad(batched_loss(out, targets[rows]).sum(), outputs, allow_unused=True)
+                grads = torch.autograd.grad(batched_loss(out, chunk_targets).sum(), outputs, allow_unused=True)
         captured = []
         for name, grad_out in zip(names, grads):
             layer_in, layer_out = seen[name][0]
             grad_out = torch.zeros_like(layer_out) if grad_out is None else grad_out
-            captured.append((name, layers[name], layer_in.detach(), grad_out.detach()))
+            captured.append((name, layers[name], layer_in.detach(), grad_out))  # grad_out has no graph
         yield rows, captured
 
 
+@torch.no_grad()  # the sums record no graph; each chunk's forward enables grad for itself
 def layer_moments(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -473,6 +475,7 @@ def layer_moments(
     return acc.result(n)
 
 
+@torch.no_grad()  # as layer_moments
 def layer_grads(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
