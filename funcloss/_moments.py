@@ -177,8 +177,8 @@ class _Moments:
         out = stats.to(self.dtype)
         norms = self.norms[0] if len(self.norms) == 1 else torch.cat(self.norms)
 
-        sizes = [sl.stop - sl.start for sl in self.offsets.values()]
-        blocks = {k: part.view(4, *self.shapes[k]).unbind(0) for k, part in zip(self.offsets, out.split(sizes, 1))}
+        parts = out.split_with_sizes([sl.stop - sl.start for sl in self.offsets.values()], 1)
+        blocks = {k: part.view(4, *self.shapes[k]).unbind(0) for k, part in zip(self.offsets, parts)}
         return GradStats(
             count=count,
             mean={k: v[0] for k, v in blocks.items()},
