@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
-from ._checks import is_eager
+from ._checks import is_eager, on_accelerator
 from ._per_sample import GradStats
 from .losses import _classification as fl_class
 from .losses import _probabilistic as fl_prob
@@ -267,7 +267,8 @@ def _output_grad(
     gradient ``-e_{y_n}``. The calls that qualify are those `_rowwise` takes (2-D float32 or
     float64 scores, 1-D int64 class indices, none ignored, eager mode), outside autocast
     (whose precision the loss's own graph keeps). A target out of range raises the loss's
-    ``IndexError``. Where a call does not qualify, the returned function gives None.
+    ``IndexError`` (on an accelerator, the scatter's device-side assertion). Where a call does
+    not qualify, the returned function gives None.
     """
     fn, kwargs = _unwrapped(loss_fn, loss_kwargs)
     if fn not in _CLASS_LOSSES or not set(kwargs) <= _CLASS_LOSSES[fn]:
@@ -288,8 +289,13 @@ def _output_grad(
         ):
             return None
         classes = out.size(1)
-        if not fl_class._check_in_range(target, classes, -100):
-            return None  # some target ignored, or not known on an accelerator
+        if on_accelerator(target):
+            # One synchronisation, as the per-sample losses' own check; a target out of range
+            # fails the scatter's device-side bounds check, as torch's kernels do.
+            if bool((target == -100).any()):
+                return None
+        elif not fl_class._check_in_range(target, classes, -100):
+            return None  # some target ignored
         with torch.no_grad():
             if softmax:
                 g = torch.softmax(out, 1)
