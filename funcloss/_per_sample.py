@@ -289,7 +289,9 @@ def grad_stats(
             of Parascandolo et al. uses per-environment gradients. Memory ``G x P``.
         progress: print a progress line to stderr.
         method: ``"auto"`` (per-layer moments where the layers allow, else ``vmap``) or
-            ``"vmap"`` (always per-sample gradients per chunk).
+            ``"vmap"`` (always per-sample gradients per chunk). The per-layer path keeps one
+            scratch buffer for its temporaries between calls, per thread, dtype and device, of
+            at most ``2**22`` elements (16 MiB in float32).
 
     References:
         Liu, J. et al. "Understanding Why Neural Networks Generalize Well Through GSNR of
