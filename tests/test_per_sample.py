@@ -644,6 +644,34 @@ def test_linear_layers_summed_together_match_a_loop() -> None:
         _assert_stats_match(s, expected)
 
 
+def test_kept_scratch_is_per_thread() -> None:
+    """Two threads computing statistics of different models at once (each reusing its kept
+    scratch on every call) get the same results as one thread alone."""
+    import threading
+
+    cases = [_setup("mlp"), _setup("bag")]
+    expected = [fl.grad_stats(m, fl.cross_entropy, x, y) for m, x, y in cases]
+    failures: list[BaseException] = []
+
+    def work(k: int) -> None:
+        model, x, y = cases[k]
+        try:
+            for _ in range(20):
+                s = fl.grad_stats(model, fl.cross_entropy, x, y)
+                for name, v in expected[k].variance.items():
+                    torch.testing.assert_close(s.variance[name], v, rtol=0, atol=0)
+                torch.testing.assert_close(s.sq_norms, expected[k].sq_norms, rtol=0, atol=0)
+        except BaseException as e:  # reported by the main thread
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+
+
 def test_embedding_moments_with_int32_token_ids() -> None:
     model, x, y = _setup("bag")
     expected = _loop(model, fl.cross_entropy, x, y)
