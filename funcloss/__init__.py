@@ -42,6 +42,11 @@ from ._typing import WeightBy as WeightBy
 from .losses._adaptive import ASMOutput as ASMOutput
 from .losses._adaptive import adaptive_log_prob as adaptive_log_prob
 from .losses._adaptive import adaptive_log_softmax_with_loss as adaptive_log_softmax_with_loss
+from .losses._beyond import ClassWeightMethod as ClassWeightMethod
+from .losses._beyond import class_weights as class_weights
+from .losses._beyond import focal_loss as focal_loss
+from .losses._beyond import quantile_loss as quantile_loss
+from .losses._beyond import sigmoid_focal_loss as sigmoid_focal_loss
 from .losses._classification import cross_entropy as cross_entropy
 from .losses._classification import linear_cross_entropy as linear_cross_entropy
 from .losses._classification import nll_loss as nll_loss
@@ -70,6 +75,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASMOutput",
+    "ClassWeightMethod",
     "Conflicts",
     "DistanceFunction",
     "GradStats",
@@ -89,9 +95,11 @@ __all__ = [
     "batchmean",
     "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
+    "class_weights",
     "cosine_embedding_loss",
     "cross_entropy",
     "ctc_loss",
+    "focal_loss",
     "gaussian_nll_loss",
     "grad_stats",
     "gradient_conflicts",
@@ -114,10 +122,12 @@ __all__ = [
     "per_sample_grad",
     "per_sample_grads",
     "poisson_nll_loss",
+    "quantile_loss",
     "reduce",
     "reduced",
     "sample_disagreement",
     "scaled",
+    "sigmoid_focal_loss",
     "sign_agreement",
     "sign_report",
     "smooth_l1_loss",
