@@ -8,6 +8,8 @@ losses.
 
 from __future__ import annotations
 
+from ._baselines import Baseline as Baseline
+from ._baselines import loss_baseline as loss_baseline
 from ._combinators import LossSum as LossSum
 from ._combinators import Masked as Masked
 from ._combinators import Reduced as Reduced
@@ -46,6 +48,7 @@ from .losses._beyond import ClassWeightMethod as ClassWeightMethod
 from .losses._beyond import class_weights as class_weights
 from .losses._beyond import focal_loss as focal_loss
 from .losses._beyond import quantile_loss as quantile_loss
+from .losses._beyond import robust_loss as robust_loss
 from .losses._beyond import sigmoid_focal_loss as sigmoid_focal_loss
 from .losses._classification import cross_entropy as cross_entropy
 from .losses._classification import linear_cross_entropy as linear_cross_entropy
@@ -75,6 +78,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ASMOutput",
+    "Baseline",
     "ClassWeightMethod",
     "Conflicts",
     "DistanceFunction",
@@ -108,6 +112,7 @@ __all__ = [
     "kl_div",
     "l1_loss",
     "linear_cross_entropy",
+    "loss_baseline",
     "loss_sum",
     "margin_ranking_loss",
     "masked",
@@ -125,6 +130,7 @@ __all__ = [
     "quantile_loss",
     "reduce",
     "reduced",
+    "robust_loss",
     "sample_disagreement",
     "scaled",
     "sigmoid_focal_loss",

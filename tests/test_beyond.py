@@ -9,9 +9,10 @@ funcloss's. The rows run through the same checks as the torch.nn rows: values an
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,26 @@ def quantile_reference(input: Tensor, target: Tensor, quantile: Any, *, reductio
     return values.sum() if reduction == "sum" else values
 
 
+def robust_reference(
+    input: Tensor, target: Tensor, *, alpha: float = 1.0, scale: Any = 1.0, reduction: str = "mean"
+) -> Tensor:
+    """Barron's loss in its named special cases, and the plain power form otherwise."""
+    z2 = ((input - target) / scale) ** 2
+    named: dict[float, Callable[[Tensor], Tensor]] = {
+        2.0: lambda t: t / 2,
+        1.0: lambda t: torch.sqrt(t + 1) - 1,  # pseudo-Huber / Charbonnier
+        0.0: lambda t: torch.log(t / 2 + 1),  # Cauchy
+        -2.0: lambda t: 2 * t / (t + 4),  # Geman-McClure
+        -math.inf: lambda t: 1 - torch.exp(-t / 2),  # Welsch
+        math.inf: lambda t: torch.exp(t / 2) - 1,
+    }
+    b = abs(alpha - 2)
+    values = named[alpha](z2) if alpha in named else b / alpha * ((z2 / b + 1) ** (alpha / 2) - 1)
+    if reduction == "mean":
+        return values.mean()
+    return values.sum() if reduction == "sum" else values
+
+
 # --------------------------------------------------------------------------- the rows
 
 
@@ -122,6 +143,19 @@ def _make_quantile(s: Sampler, o: Mapping[str, Any]) -> Example:
     return Example((x, y, q), {"reduction": o["reduction"]}, (0, 1), None if in_dims is None else (0, 0, None))
 
 
+def _make_robust(s: Sampler, o: Mapping[str, Any]) -> Example:
+    shape = o["shape"]
+    x, y = s.normal(shape, 2.0), s.normal(shape)
+    scale: float | Tensor = o["scale"]
+    kw: dict[str, Any] = {"alpha": o["alpha"], "reduction": o["reduction"]}
+    if scale == "per element":
+        kw["scale"] = s.uniform(shape, 0.5, 2.0)
+    else:
+        kw["scale"] = scale
+    in_dims = (0, 0) if len(shape) and shape[0] > 0 else None
+    return Example((x, y), kw, (0, 1), in_dims, {"scale": 0})
+
+
 CASES = {
     "focal_loss": LossCase(
         "focal_loss",
@@ -157,6 +191,18 @@ CASES = {
         {
             "shape": [(4, 3), (5,), (2, 3, 2), (0, 3)],
             "quantile": [0.9, 0.5, 0.1, 0.0, 1.0, "per column"],
+            "reduction": REDUCTIONS,
+        },
+    ),
+    "robust_loss": LossCase(
+        "robust_loss",
+        fl.robust_loss,
+        robust_reference,
+        _make_robust,
+        {
+            "shape": [(4, 3), (5,), (), (0, 2), (2, 3, 2)],
+            "alpha": [1.0, 2.0, 0.0, -2.0, -math.inf, math.inf, 0.5, -7.0, 3.0],
+            "scale": [1.0, 0.3, "per element"],
             "reduction": REDUCTIONS,
         },
     ),
@@ -345,6 +391,62 @@ def test_quantile_refuses_quantiles_outside_zero_one() -> None:
         fl.quantile_loss(x, x, torch.tensor([0.5, -0.1, 0.2]))
     with pytest.raises(ValueError, match="reduction"):
         fl.quantile_loss(x, x, 0.5, reduction="max")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- robust loss
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.0, 0.0, -2.0, -math.inf, math.inf, 0.5, -7.0])
+def test_robust_loss_has_unit_curvature_at_zero_for_every_shape(alpha: float) -> None:
+    """Barron's normalisation: each member is z^2 / (2 c^2) to second order."""
+    c = 0.7
+    h = tf.hessian(lambda d: fl.robust_loss(d, torch.zeros(()), alpha=alpha, scale=c))(
+        torch.zeros((), dtype=torch.float64)
+    )
+    torch.testing.assert_close(h, torch.tensor(1 / c**2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("limit", [2.0, 0.0])
+def test_robust_loss_is_continuous_in_alpha_at_its_limits(limit: float) -> None:
+    r = torch.linspace(-6, 6, 25, dtype=torch.float64)
+    at = fl.robust_loss(r, torch.zeros_like(r), alpha=limit, reduction="none")
+    for near in (limit - 1e-7, limit + 1e-7):
+        torch.testing.assert_close(
+            fl.robust_loss(r, torch.zeros_like(r), alpha=near, reduction="none"), at, rtol=1e-5, atol=1e-9
+        )
+
+
+def test_robust_loss_at_two_is_half_torch_mse_and_lower_alpha_pulls_less() -> None:
+    x, y = Sampler(6).normal((5, 3)), Sampler(7).normal((5, 3))
+    torch.testing.assert_close(fl.robust_loss(x, y, alpha=2.0, scale=0.5), 0.5 * F.mse_loss(x / 0.5, y / 0.5))
+    far = torch.tensor(10.0, dtype=torch.float64, requires_grad=True)
+    pulls = [torch.autograd.grad(fl.robust_loss(far, torch.zeros(()), alpha=a), far)[0] for a in (2.0, 1.0, 0.0, -2.0)]
+    assert all(a > b for a, b in itertools.pairwise(pulls)), pulls
+
+
+def test_robust_loss_compiled_with_dynamic_floats_follows_each_alpha_and_scale() -> None:
+    """Compiled once with dynamic=True (floats become symbols), later alphas and scales must not
+    reuse the first call's values."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fl.robust_loss, fullgraph=True, dynamic=True)
+    x, y = Sampler(8, torch.float32).normal((6, 2), 3.0), torch.zeros(6, 2)
+    for alpha, scale in [(1.0, 1.0), (0.5, 2.0), (-3.0, 0.4), (2.0, 1.5), (0.0, 0.7), (4.0, 1.0)]:
+        torch.testing.assert_close(
+            compiled(x, y, alpha=alpha, scale=scale),
+            fl.robust_loss(x, y, alpha=alpha, scale=scale),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+def test_robust_loss_refuses_bad_options() -> None:
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="scale > 0"):
+        fl.robust_loss(x, x, scale=0.0)
+    with pytest.raises(ValueError, match="every scale > 0"):
+        fl.robust_loss(x, x, scale=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="alpha"):
+        fl.robust_loss(x, x, alpha=math.nan)
 
 
 # --------------------------------------------------------------------------- class weights

@@ -1,4 +1,5 @@
-"""Beyond torch.nn: focal losses, the quantile (pinball) loss and class-weight estimators.
+"""Beyond torch.nn: focal losses, the quantile (pinball) loss, Barron's robust loss and
+class-weight estimators.
 
 Same conventions as the torch.nn losses: pure functions, unreduced values plus a reduction,
 no data-dependent Python control flow (every transform composes), value checks in eager mode.
@@ -6,6 +7,7 @@ no data-dependent Python control flow (every transform composes), value checks i
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -176,6 +178,64 @@ def quantile_loss(
         raise ValueError(f"quantile_loss(...): expected quantile in [0, 1], got {quantile}.")
     d = target - input
     return reduce(0.5 * d.abs() + (quantile - 0.5) * d, reduction)
+
+
+def robust_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    alpha: float = 1.0,
+    scale: float | Tensor = 1.0,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Barron's general robust loss: one shape parameter spans L2, pseudo-Huber, Cauchy,
+    Geman-McClure and Welsch.
+
+    With ``z = (input - target) / scale`` and ``a = alpha``:
+
+    .. math::
+        \\rho(z, a) = \\frac{|a - 2|}{a} \\left[ \\left( \\frac{z^2}{|a - 2|} + 1 \\right)^{a/2} - 1 \\right]
+
+    and its limits: ``a = 2``: ``z^2 / 2`` (L2); ``a = 0``: ``log(z^2 / 2 + 1)`` (Cauchy);
+    ``a = -inf``: ``1 - exp(-z^2 / 2)`` (Welsch); ``a = +inf``: ``exp(z^2 / 2) - 1``. ``a = 1`` is
+    ``sqrt(z^2 + 1) - 1`` (pseudo-Huber, Charbonnier) and ``a = -2`` is ``2 z^2 / (z^2 + 4)``
+    (Geman-McClure). Every member has curvature 1 at ``z = 0`` (``rho ~ z^2 / 2``); the lower
+    ``a``, the less a large residual costs and pulls. The bracket is computed as
+    ``expm1((a / 2) log1p(z^2 / |a - 2|))``, accurate near the limits.
+
+    Args:
+        input: predictions, any shape.
+        target: broadcastable to ``input``.
+        alpha: shape parameter, a float in ``[-inf, inf]`` (fixed: the loss alone has no
+            minimum over it; Barron learns it through a likelihood with a normaliser).
+        scale: ``c > 0``, the residual size where the loss bends; a float or a tensor
+            broadcastable to ``input`` (checked in eager mode).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    References:
+        Barron, J. T. "A General and Adaptive Robust Loss Function", CVPR 2019.
+    """
+    check_reduction("robust_loss", reduction)
+    if alpha != alpha:  # NaN (math.isnan cannot take compile's symbolic floats)
+        raise ValueError("robust_loss(...): expected alpha to be a number in [-inf, inf], got nan.")
+    if isinstance(scale, Tensor):
+        check_values(lambda: scale > 0, ValueError, "robust_loss(...): expected every scale > 0.")
+    elif not scale > 0:
+        raise ValueError(f"robust_loss(...): expected scale > 0, got {scale}.")
+    z = (input - target) / scale
+    z2 = z * z
+    if alpha == 2:
+        values = 0.5 * z2
+    elif alpha == 0:
+        values = torch.log1p(0.5 * z2)
+    elif alpha == -math.inf:
+        values = -torch.expm1(-0.5 * z2)
+    elif alpha == math.inf:
+        values = torch.expm1(0.5 * z2)
+    else:
+        b = abs(alpha - 2)
+        values = (b / alpha) * torch.expm1((alpha / 2) * torch.log1p(z2 / b))
+    return reduce(values, reduction)
 
 
 def class_weights(
