@@ -48,6 +48,7 @@ from .losses._beyond import ClassWeightMethod as ClassWeightMethod
 from .losses._beyond import class_weights as class_weights
 from .losses._beyond import focal_loss as focal_loss
 from .losses._beyond import quantile_loss as quantile_loss
+from .losses._beyond import real_world_weight_cross_entropy as real_world_weight_cross_entropy
 from .losses._beyond import robust_loss as robust_loss
 from .losses._beyond import sigmoid_focal_loss as sigmoid_focal_loss
 from .losses._classification import cross_entropy as cross_entropy
@@ -128,6 +129,7 @@ __all__ = [
     "per_sample_grads",
     "poisson_nll_loss",
     "quantile_loss",
+    "real_world_weight_cross_entropy",
     "reduce",
     "reduced",
     "robust_loss",

@@ -101,6 +101,30 @@ def robust_reference(
     return values.sum() if reduction == "sum" else values
 
 
+def rwwce_reference(
+    input: Tensor,
+    target: Tensor,
+    fn_weight: Tensor | None = None,
+    fp_weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Tensor:
+    """Ho and Wookey's loss with one-hot targets and cost matrices: ``-(Y diag(a)) . log P -
+    (Y B) . log(1 - P)`` summed over classes."""
+    class_dim = 0 if input.dim() == 1 else 1
+    classes = input.size(class_dim)
+    keep = target != ignore_index
+    probs = torch.softmax(input.movedim(class_dim, -1), -1)
+    onehot = F.one_hot(torch.where(keep, target, 0), classes).to(input.dtype) * keep.unsqueeze(-1)
+    a = torch.ones(classes, dtype=input.dtype) if fn_weight is None else fn_weight
+    b = torch.zeros(classes, classes, dtype=input.dtype) if fp_weight is None else fp_weight
+    values = -(onehot * a * torch.log(probs) + (onehot @ b) * torch.log(1 - probs)).sum(-1)
+    if reduction == "mean":
+        return values.sum() / keep.sum()
+    return values.sum() if reduction == "sum" else values
+
+
 # --------------------------------------------------------------------------- the rows
 
 
@@ -121,6 +145,17 @@ def _make_focal(s: Sampler, o: Mapping[str, Any]) -> Example:
         kw["weight"] = s.uniform((classes,), 0.2, 2.0)
     in_dims = (0, 0) if not unbatched and shape[0] > 0 else None
     return Example((x, y), kw, (0,), in_dims, {"weight": None})
+
+
+def _make_rwwce(s: Sampler, o: Mapping[str, Any]) -> Example:
+    ex = _make_focal(s, {**o, "gamma": 0.0, "weight": False})
+    classes = ex.args[0].shape[0 if ex.args[0].dim() == 1 else 1]
+    kw: dict[str, Any] = {"reduction": o["reduction"]}
+    if o["costs"] in ("fn", "both"):
+        kw["fn_weight"] = s.uniform((classes,), 0.0, 3.0)
+    if o["costs"] in ("fp", "both"):
+        kw["fp_weight"] = s.uniform((classes, classes), 0.0, 3.0) * (1 - torch.eye(classes, dtype=s.dtype))
+    return Example(ex.args, kw, ex.diff, ex.in_dims, {"fn_weight": None, "fp_weight": None})
 
 
 def _make_sigmoid_focal(s: Sampler, o: Mapping[str, Any]) -> Example:
@@ -166,6 +201,18 @@ CASES = {
             "shape": [(5, 4), (3, 4, 2), (4,), (0, 3)],
             "gamma": [2.0, 0.0, 0.5, 1.0, 3.5],
             "weight": [False, True],
+            "ignore": [False, True],
+            "reduction": REDUCTIONS,
+        },
+    ),
+    "real_world_weight_cross_entropy": LossCase(
+        "real_world_weight_cross_entropy",
+        fl.real_world_weight_cross_entropy,
+        rwwce_reference,
+        _make_rwwce,
+        {
+            "shape": [(5, 4), (3, 4, 2), (4,), (0, 3)],
+            "costs": ["both", "fn", "fp", "none"],
             "ignore": [False, True],
             "reduction": REDUCTIONS,
         },
@@ -334,6 +381,66 @@ def test_focal_all_ignored_mean_is_nan_like_cross_entropy() -> None:
     ours = fl.focal_loss(x, y)
     assert torch.isnan(ours) and torch.isnan(F.cross_entropy(x, y))
     assert torch.all(torch.autograd.grad(ours, x)[0] == 0)
+
+
+# --------------------------------------------------------------------------- real-world-weight CE
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_rwwce_reduces_to_torch_cross_entropy(reduction: str) -> None:
+    """Unit false-negative costs and no false-positive cost: cross_entropy; false-negative costs
+    alone: torch's class-weighted sum, averaged over the kept targets (not over their weights)."""
+    s = Sampler(9)
+    x = s.normal((7, 5, 2)).requires_grad_()
+    y = s.integers((7, 2), 0, 5)
+    y[0, 0] = -100
+    ours = fl.real_world_weight_cross_entropy(x, y, reduction=reduction)  # type: ignore[arg-type]
+    torch.testing.assert_close(ours, F.cross_entropy(x, y, reduction=reduction))
+    a = s.uniform((5,), 0.5, 3.0)
+    costed = fl.real_world_weight_cross_entropy(x, y, a, reduction=reduction)  # type: ignore[arg-type]
+    theirs = F.cross_entropy(x, y, a, reduction="none" if reduction == "none" else "sum")
+    theirs = theirs / (y != -100).sum() if reduction == "mean" else theirs
+    torch.testing.assert_close(costed, theirs)
+
+
+def test_rwwce_false_positive_cost_pushes_that_wrong_class_down() -> None:
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    y = torch.tensor([0])
+    costs = torch.zeros(4, 4, dtype=torch.float64)
+    costs[0, 2] = 5.0  # calling a 0 a 2 is expensive
+    plain = tf.grad(fl.real_world_weight_cross_entropy)(x, y)
+    costed = tf.grad(lambda z: fl.real_world_weight_cross_entropy(z, y, fp_weight=costs))(x)
+    assert costed[0, 2] > plain[0, 2] and costed[0, 1] < plain[0, 1]  # class 2 pushed down hardest
+    # The term is -5 log(1 - p_2), accurate where p_2 is within 1e-8 of 1 (in float32 p_2 rounds
+    # to 1 and log(1 - p_2) would be -inf).
+    confident_wrong = torch.tensor([[-20.0, 0.0, 20.0, 0.0]], dtype=torch.float64)
+    p = torch.softmax(confident_wrong, 1)[0]
+    expected = -torch.log(p[0]) - 5 * torch.log(p[0] + p[1] + p[3])  # the others' mass, summed
+    value = fl.real_world_weight_cross_entropy(confident_wrong, y, fp_weight=costs)
+    torch.testing.assert_close(value, expected, rtol=1e-13, atol=0)
+    single = confident_wrong.float().requires_grad_()
+    value32 = fl.real_world_weight_cross_entropy(single, y, fp_weight=costs.float())
+    torch.testing.assert_close(value32, expected.float(), rtol=1e-6, atol=0)
+    (grad32,) = torch.autograd.grad(value32, single)
+    torch.testing.assert_close(
+        grad32, tf.grad(fl.real_world_weight_cross_entropy)(confident_wrong, y, None, costs).float()
+    )
+    # Certain and wrong beyond what the dtype resolves: a large finite loss, finite gradients.
+    hopeless = torch.tensor([[-500.0, 0.0, 500.0, 0.0]], requires_grad=True)
+    value = fl.real_world_weight_cross_entropy(hopeless, y, fp_weight=costs.float())
+    assert torch.isfinite(value) and torch.isfinite(torch.autograd.grad(value, hopeless)[0]).all()
+
+
+def test_rwwce_refuses_bad_costs() -> None:
+    x, y = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="zero diagonal"):
+        fl.real_world_weight_cross_entropy(x, y, fp_weight=torch.ones(4, 4))
+    with pytest.raises(ValueError, match=r"fp_weight of shape \(4, 4\)"):
+        fl.real_world_weight_cross_entropy(x, y, fp_weight=torch.zeros(4))
+    with pytest.raises(ValueError, match=r"fn_weight >= 0"):
+        fl.real_world_weight_cross_entropy(x, y, torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    with pytest.raises(IndexError):
+        fl.real_world_weight_cross_entropy(x, torch.tensor([0, 9, 1]))
 
 
 # --------------------------------------------------------------------------- sigmoid focal loss

@@ -139,6 +139,104 @@ def sigmoid_focal_loss(
     return reduce(values, reduction)
 
 
+def _log1m_softmax(x: Tensor, logp: Tensor, class_dim: int) -> Tensor:
+    """``log(1 - p)`` for ``p = softmax(x)``, accurate where ``p`` is near 1 too.
+
+    ``1 - p_j`` is the mass of the other classes. Off the most likely class ``p_j <= 1/2`` and
+    ``log1p(-p_j)`` is exact; at the most likely class the other classes' mass is summed
+    directly (no ``1 - p`` cancellation: ``-log(1 - p)`` stays finite and exact for a logit gap
+    of 20 in float32, where ``p`` rounds to 1). It is floored at the dtype's smallest normal
+    number (``log`` about -87 in float32), as torch's BCE floors its logs, so that a certain
+    wrong prediction gives a large finite loss and gradient rather than inf and NaN."""
+    classes = x.size(class_dim)
+    shape = [1] * x.dim()
+    shape[class_dim] = classes
+    is_top = torch.arange(classes, device=x.device).reshape(shape) == x.argmax(class_dim, keepdim=True)
+    scaled = torch.exp(x - x.detach().amax(class_dim, keepdim=True))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    rest = torch.where(is_top, zero, scaled).sum(class_dim, keepdim=True)
+    at_top = torch.log(rest.clamp_min(torch.finfo(x.dtype).tiny)) - torch.log(scaled.sum(class_dim, keepdim=True))
+    return torch.where(is_top, at_top, torch.log1p(-torch.where(is_top, zero, logp.exp())))
+
+
+def _check_costs(name: str, cost: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(cost.shape) != shape:
+        raise ValueError(
+            f"real_world_weight_cross_entropy(...): expected {name} of shape {shape}, got {tuple(cost.shape)}."
+        )
+    if not cost.is_floating_point():
+        raise ValueError(f"real_world_weight_cross_entropy(...): expected floating-point {name}, got {cost.dtype}.")
+    check_values(lambda: cost >= 0, ValueError, f"real_world_weight_cross_entropy(...): expected {name} >= 0 (costs).")
+
+
+@float32_under_autocast
+def real_world_weight_cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    fn_weight: Tensor | None = None,
+    fp_weight: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+) -> Tensor:
+    """Real-world-weight cross-entropy: cross-entropy with a cost for each kind of mistake.
+
+    With ``p = softmax(x)`` over the class dim, a false-negative cost per true class ``a``
+    (``fn_weight``) and a false-positive cost matrix ``B`` (``fp_weight``; ``B[i, j]`` is the cost
+    of predicting ``j`` when the truth is ``i``, zero diagonal):
+
+    .. math::
+        \\ell_n = -a_{y_n} \\log p_{n, y_n} - \\sum_{j} B_{y_n, j} \\log(1 - p_{n, j})
+
+    The second term, new in the paper, penalises probability put on each wrong class by what
+    that particular mistake costs (e.g. calling a malignant lesion benign). ``"mean"`` averages
+    over the positions whose target is not ``ignore_index``: the costs are not a reweighting
+    of the mean (unlike `cross_entropy`'s ``weight``). With ``a = 1`` and ``B = 0`` this is
+    exactly `cross_entropy`. The paper's binary form is `binary_cross_entropy_with_logits`
+    with ``weight=c_fp`` and ``pos_weight=c_fn / c_fp``.
+
+    Args:
+        input: logits ``(N, C)``, ``(N, C, d1, ..., dK)`` or unbatched ``(C,)``.
+        target: class indices (int64/uint8) ``(N,)``, ``(N, d1, ..., dK)`` or a scalar, each in
+            ``[0, C)`` or equal to ``ignore_index`` (checked in eager mode: ``IndexError``).
+        fn_weight: ``(C,)`` false-negative costs, ``>= 0``; default all 1.
+        fp_weight: ``(C, C)`` false-positive costs, ``>= 0`` with a zero diagonal; default none.
+        ignore_index: target value that contributes nothing (to the mean's count either).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
+
+    References:
+        Ho, Y. and Wookey, S. "The Real-World-Weight Cross-Entropy Loss Function: Modeling the
+        Costs of Mislabeling", IEEE Access 8, 2020.
+    """
+    fn = "real_world_weight_cross_entropy"
+    check_reduction(fn, reduction)
+    class_dim = _class_dim(fn, input, IndexError)
+    classes = input.size(class_dim)
+    target = _check_index_target(fn, tuple(input.shape), target, class_dim)
+    target = target.long()
+    _check_in_range(target, classes, ignore_index)
+    if fn_weight is not None:
+        _check_costs("fn_weight", fn_weight, (classes,))
+    if fp_weight is not None:
+        _check_costs("fp_weight", fp_weight, (classes, classes))
+        check_values(
+            lambda: fp_weight.diagonal() == 0,
+            ValueError,
+            f"{fn}(...): expected fp_weight with a zero diagonal (predicting the true class is no false positive).",
+        )
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    logp = torch.log_softmax(input, dim=class_dim)
+    values = -_pick(logp, safe, class_dim)
+    if fn_weight is not None:
+        values = values * class_values(fn_weight.to(logp.dtype), safe)
+    if fp_weight is not None:
+        rows = fp_weight.to(logp.dtype).index_select(0, safe.reshape(-1)).reshape(*safe.shape, classes)
+        values = values - (rows.movedim(-1, class_dim) * _log1m_softmax(input, logp, class_dim)).sum(class_dim)
+    kept = keep.to(values.dtype)
+    return _class_mean(values * kept, kept, reduction)
+
+
 def quantile_loss(
     input: Tensor,
     target: Tensor,
