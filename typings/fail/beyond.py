@@ -13,3 +13,6 @@ fl.sigmoid_focal_loss(logits, logits, reduction="batchmean")  # type: ignore[arg
 fl.quantile_loss(logits, logits, "median")  # type: ignore[arg-type]
 fl.class_weights(labels, method="inverse")  # type: ignore[arg-type]
 fl.class_weights(labels, 5, "balanced")  # type: ignore[call-arg]
+fl.robust_loss(logits, logits, 1.0)  # type: ignore[call-arg]
+fl.real_world_weight_cross_entropy(logits, labels, reduction="batchmean")  # type: ignore[arg-type]
+fl.loss_baseline(fl.cross_entropy, labels).skill("0.5")  # type: ignore[arg-type]
