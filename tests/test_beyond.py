@@ -36,6 +36,13 @@ from .transforms import torch_reference
 # --------------------------------------------------------------------------- oracles
 
 
+def _mean_over(values: Tensor, count: Tensor) -> Tensor:
+    """``sum / count``; with nothing counted (every target ignored) NaN with a zero gradient,
+    torch's cross-entropy convention."""
+    empty = count == 0
+    return torch.where(empty, torch.nan, values.sum() / torch.where(empty, 1, count))
+
+
 def focal_reference(
     input: Tensor,
     target: Tensor,
@@ -54,7 +61,7 @@ def focal_reference(
     p_t = torch.exp(-ce)
     values = w * (1 - p_t) ** gamma * ce
     if reduction == "mean":
-        return values.sum() / w.sum()
+        return _mean_over(values, w.sum())
     return values.sum() if reduction == "sum" else values
 
 
@@ -121,7 +128,7 @@ def rwwce_reference(
     b = torch.zeros(classes, classes, dtype=input.dtype) if fp_weight is None else fp_weight
     values = -(onehot * a * torch.log(probs) + (onehot @ b) * torch.log(1 - probs)).sum(-1)
     if reduction == "mean":
-        return values.sum() / keep.sum()
+        return _mean_over(values, keep.sum())
     return values.sum() if reduction == "sum" else values
 
 

@@ -510,6 +510,60 @@ def test_a_wider_target_keeps_torchs_result_dtype(name: str) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
+OPERAND_LOSSES = [
+    "l1_loss",
+    "mse_loss",
+    "huber_loss",
+    "smooth_l1_loss",
+    "soft_margin_loss",
+    "binary_cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "poisson_nll_loss",
+    "kl_div",
+    "hinge_embedding_loss",
+    "multilabel_soft_margin_loss",
+]
+TARGET_DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.uint8, torch.bool]
+
+
+def _operand(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=gen) < 0.5
+    if dtype.is_floating_point:
+        return torch.rand(shape, generator=gen).to(dtype)  # in [0, 1]: valid for every loss here
+    return torch.randint(0, 2, shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (700, 1500)], ids=["small", "fast-path"])
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.bool], ids=str)
+@pytest.mark.parametrize("name", OPERAND_LOSSES)
+def test_operand_dtypes_are_taken_or_refused_like_torch(
+    name: str, input_dtype: torch.dtype, shape: tuple[int, ...]
+) -> None:
+    """Integer and bool targets (0/1 labels), and bool inputs: where torch's kernel computes,
+    the same dtype and value; where it refuses, the same exception class."""
+    for target_dtype in TARGET_DTYPES:
+        x, y = _operand(input_dtype, shape, 0), _operand(target_dtype, shape, 1)
+        for reduction in ("mean", "none"):
+            outcomes = []
+            for fn in (getattr(F, name), getattr(fl, name)):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # kl_div's "mean"
+                        outcomes.append(fn(x, y, reduction=reduction))
+                except (RuntimeError, NotImplementedError, ValueError) as e:
+                    outcomes.append(type(e))
+            theirs, ours = outcomes
+            what = f"{name}({input_dtype}, {target_dtype}, reduction={reduction!r})"
+            if isinstance(theirs, torch.Tensor):
+                assert isinstance(ours, torch.Tensor), f"{what}: torch computes, funcloss raised {ours}"
+                assert ours.dtype == theirs.dtype, what
+                torch.testing.assert_close(ours.double(), theirs.double(), rtol=2e-3, atol=2e-3, msg=what)
+            else:
+                assert ours is theirs, f"{what}: torch raises {theirs}, funcloss gave {ours}"
+
+
 @pytest.mark.parametrize("target_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("option", ["plain", "weight", "pos_weight"])
 def test_bce_with_logits_returns_the_targets_dtype(target_dtype: torch.dtype, option: str) -> None:

@@ -88,6 +88,11 @@ def binary_cross_entropy(
             f"binary_cross_entropy(...): expected target of the input's dtype {input.dtype}, got "
             f"{target.dtype}. Convert it with target.to(input.dtype)."
         )
+    if not input.is_floating_point():
+        raise NotImplementedError(
+            f"binary_cross_entropy(...): expected floating-point probabilities, got {input.dtype} (torch's kernel "
+            "is not implemented for it)."
+        )
     interior = False
     if is_eager() and input.numel() and on_accelerator(input):
         # As torch's kernel does there: a device-side assertion, no host synchronisation (and
@@ -154,6 +159,16 @@ def binary_cross_entropy_with_logits(
     """
     check_reduction("binary_cross_entropy_with_logits", reduction)
     check_same_shape("binary_cross_entropy_with_logits", input, target)
+    if not (input.is_floating_point() or target.is_floating_point()):
+        raise NotImplementedError(
+            f"binary_cross_entropy_with_logits(...): expected floating-point logits and target, got {input.dtype} "
+            f"and {target.dtype} (torch's kernel is not implemented for them)."
+        )
+    if not target.is_floating_point():
+        raise RuntimeError(
+            f"binary_cross_entropy_with_logits(...): expected a floating-point target (0/1 labels or "
+            f"probabilities), got {target.dtype}. Convert it with target.to(input.dtype)."
+        )
     _check_weight_shape("binary_cross_entropy_with_logits", "weight", weight, input)
     _check_weight_shape("binary_cross_entropy_with_logits", "pos_weight", pos_weight, input)
     if weight is None and pos_weight is None and use_fused(input, target, reduction):
@@ -203,6 +218,11 @@ def kl_div(
         raise RuntimeError(
             f"kl_div(...): expected real input and target, got {input.dtype} and {target.dtype}. "
             "Complex inputs are not supported (as in torch)."
+        )
+    if not (input.is_floating_point() and target.is_floating_point()):
+        raise RuntimeError(
+            f"kl_div(...): expected floating-point input and target, got {input.dtype} and {target.dtype}. "
+            "Integral inputs not supported (as in torch); convert them with .float()."
         )
     if reduction == "mean" and not torch.compiler.is_compiling():
         warnings.warn(

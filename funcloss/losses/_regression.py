@@ -22,6 +22,32 @@ def _elementwise_weight(fn: str, weight: Tensor | None, input: Tensor) -> None:
         )
 
 
+def _promote_bools(
+    fn: str, input: Tensor, target: Tensor, *, result_in_input_dtype: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Operand dtypes as torch's kernels take them: with no floating-point operand they are not
+    implemented (``NotImplementedError``); a bool operand is promoted against the other one (a
+    bool target of 0/1 labels, say), where Python's ``-`` refuses bools. With
+    ``result_in_input_dtype`` (huber_loss) the kernel writes into the input's dtype, so an
+    integral input is a ``RuntimeError`` as there."""
+    if result_in_input_dtype and input.dtype == torch.bool and target.dtype != torch.bool:
+        raise RuntimeError(f"{fn}(...): expected a floating-point input, got bool. Convert it with input.float().")
+    if not (input.is_floating_point() or target.is_floating_point()):
+        raise NotImplementedError(
+            f"{fn}(...): expected a floating-point input or target, got {input.dtype} and {target.dtype} "
+            "(torch's kernel is not implemented for them). Convert them with .float()."
+        )
+    if result_in_input_dtype and not input.is_floating_point():
+        raise RuntimeError(
+            f"{fn}(...): expected a floating-point input, got {input.dtype}: the result, in the input's dtype, "
+            "cannot hold the loss. Convert it with input.float()."
+        )
+    if input.dtype != torch.bool and target.dtype != torch.bool:
+        return input, target
+    dtype = torch.result_type(input, target)
+    return input.to(dtype), target.to(dtype)
+
+
 @float32_under_autocast
 def l1_loss(
     input: Tensor,
@@ -90,6 +116,7 @@ def mse_loss(
             "has no complex form). For a complex error use ((input - target).abs() ** 2).mean()."
         )
     _elementwise_weight("mse_loss", weight, input)
+    input, target = _promote_bools("mse_loss", input, target)
     if weight is None and use_fused(input, target, reduction):
         return fused_difference_loss(input, target, "mse", reduction)
     x, y = input, target
@@ -158,6 +185,7 @@ def huber_loss(
             "non-positive values for delta."
         )
     _elementwise_weight("huber_loss", weight, input)
+    input, target = _promote_bools("huber_loss", input, target, result_in_input_dtype=True)
     if weight is None and use_fused(input, target, reduction):
         return fused_difference_loss(input, target, "huber", reduction, delta=delta)
     d = input - target
@@ -201,6 +229,7 @@ def smooth_l1_loss(
             f"smooth_l1_loss(...): expected beta >= 0, got {beta}. smooth_l1_loss does not support "
             "negative values for beta."
         )
+    input, target = _promote_bools("smooth_l1_loss", input, target)
     if use_fused(input, target, reduction):
         if beta == 0.0:
             return fused_difference_loss(input, target, "l1", reduction)
