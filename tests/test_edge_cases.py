@@ -564,6 +564,35 @@ def test_operand_dtypes_are_taken_or_refused_like_torch(
                 assert ours is theirs, f"{what}: torch raises {theirs}, funcloss gave {ours}"
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.int64], ids=str)
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss", "multi_margin_loss", "multilabel_margin_loss"])
+def test_class_index_dtypes_are_taken_or_refused_like_torch(name: str, input_dtype: torch.dtype) -> None:
+    """Class indices in every integer dtype (and bool) against float and integer scores. (Half
+    scores are left out: funcloss computes the margins in half precision where torch's CPU
+    kernels have none, by design.)"""
+    scores = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).to(input_dtype)
+    for target_dtype in [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool]:
+        if name == "multilabel_margin_loss":
+            target = torch.tensor([[1, 0, -1, 0]] * 5) if target_dtype not in (torch.uint8, torch.bool) else None
+            target = (target if target is not None else torch.zeros(5, 4, dtype=torch.int64)).to(target_dtype)
+        else:
+            target = torch.tensor([0, 1, 3, 1, 0]).to(target_dtype)
+        outcomes = []
+        for fn in (getattr(F, name), getattr(fl, name)):
+            try:
+                outcomes.append(fn(scores, target))
+            except (RuntimeError, NotImplementedError, ValueError, IndexError) as e:
+                outcomes.append(type(e))
+        theirs, ours = outcomes
+        what = f"{name}({input_dtype}, {target_dtype})"
+        if isinstance(theirs, torch.Tensor):
+            assert isinstance(ours, torch.Tensor), f"{what}: torch computes, funcloss raised {ours}"
+            assert ours.dtype == theirs.dtype, what
+            torch.testing.assert_close(ours, theirs, msg=what)
+        else:
+            assert ours is theirs, f"{what}: torch raises {theirs}, funcloss gave {ours}"
+
+
 @pytest.mark.parametrize("target_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("option", ["plain", "weight", "pos_weight"])
 def test_bce_with_logits_returns_the_targets_dtype(target_dtype: torch.dtype, option: str) -> None:

@@ -209,13 +209,14 @@ def nll_loss(
     See also: ``torch.nn.functional.nll_loss``.
     """
     check_reduction("nll_loss", reduction)
-    if input.is_complex():
-        raise NotImplementedError(
-            f"nll_loss(...): expected real log-probabilities, got {input.dtype} (torch's kernel has no complex form)."
-        )
     class_dim = _class_dim("nll_loss", input)
     classes = input.size(class_dim)
     target = _check_index_target("nll_loss", tuple(input.shape), target, class_dim)
+    if not input.is_floating_point():
+        raise NotImplementedError(
+            f"nll_loss(...): expected real floating-point log-probabilities, got {input.dtype} (torch's kernel has "
+            "no form for it)."
+        )
     _check_class_weight("nll_loss", weight, classes, input.dtype)
     target = target.long()
     if _check_in_range(target, classes, ignore_index) and weight is None:

@@ -126,9 +126,13 @@ def margin_ranking_loss(
 def _check_index_classes(fn: str, input: Tensor, target: Tensor) -> tuple[Tensor, int]:
     if input.dim() not in (1, 2):
         raise RuntimeError(f"{fn}(...): expected input of shape (N, C) or (C,), got {tuple(input.shape)}.")
-    if target.dtype not in (torch.int64, torch.uint8):
+    if not input.is_floating_point():
+        raise NotImplementedError(
+            f"{fn}(...): expected floating-point scores, got {input.dtype} (torch's kernel is not implemented for it)."
+        )
+    if target.dtype != torch.int64:  # torch's margin kernels take Long only (nll takes Byte too)
         raise RuntimeError(f"{fn}(...): expected int64 class-index targets, got {target.dtype}. Use target.long().")
-    return target.long(), input.size(-1)
+    return target, input.size(-1)
 
 
 @float32_under_autocast
