@@ -535,6 +535,26 @@ def _operand(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Ten
     return torch.randint(0, 2, shape, generator=gen).to(dtype)
 
 
+def _assert_same_outcome(name: str, args: tuple[torch.Tensor, ...], what: str, **kwargs: Any) -> None:
+    """torch's and funcloss's ``name`` on the same arguments: both compute (the same dtype, close
+    values) or both raise the same exception class."""
+    outcomes: list[torch.Tensor | type[Exception]] = []
+    for fn in (getattr(F, name), getattr(fl, name)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # kl_div's "mean"
+                outcomes.append(fn(*args, **kwargs))
+        except (RuntimeError, NotImplementedError, ValueError, IndexError) as e:
+            outcomes.append(type(e))
+    theirs, ours = outcomes
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(ours, torch.Tensor), f"{what}: torch computes, funcloss raised {ours}"
+        assert ours.dtype == theirs.dtype, what
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=2e-3, atol=2e-3, msg=what)
+    else:
+        assert ours is theirs, f"{what}: torch raises {theirs}, funcloss gave {ours}"
+
+
 @pytest.mark.parametrize("shape", [(4, 3), (700, 1500)], ids=["small", "fast-path"])
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.bool], ids=str)
 @pytest.mark.parametrize("name", OPERAND_LOSSES)
@@ -546,22 +566,8 @@ def test_operand_dtypes_are_taken_or_refused_like_torch(
     for target_dtype in TARGET_DTYPES:
         x, y = _operand(input_dtype, shape, 0), _operand(target_dtype, shape, 1)
         for reduction in ("mean", "none"):
-            outcomes = []
-            for fn in (getattr(F, name), getattr(fl, name)):
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # kl_div's "mean"
-                        outcomes.append(fn(x, y, reduction=reduction))
-                except (RuntimeError, NotImplementedError, ValueError) as e:
-                    outcomes.append(type(e))
-            theirs, ours = outcomes
             what = f"{name}({input_dtype}, {target_dtype}, reduction={reduction!r})"
-            if isinstance(theirs, torch.Tensor):
-                assert isinstance(ours, torch.Tensor), f"{what}: torch computes, funcloss raised {ours}"
-                assert ours.dtype == theirs.dtype, what
-                torch.testing.assert_close(ours.double(), theirs.double(), rtol=2e-3, atol=2e-3, msg=what)
-            else:
-                assert ours is theirs, f"{what}: torch raises {theirs}, funcloss gave {ours}"
+            _assert_same_outcome(name, (x, y), what, reduction=reduction)
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.int64], ids=str)
@@ -572,25 +578,10 @@ def test_class_index_dtypes_are_taken_or_refused_like_torch(name: str, input_dty
     kernels have none, by design.)"""
     scores = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)).to(input_dtype)
     for target_dtype in [torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool]:
-        if name == "multilabel_margin_loss":
-            target = torch.tensor([[1, 0, -1, 0]] * 5) if target_dtype not in (torch.uint8, torch.bool) else None
-            target = (target if target is not None else torch.zeros(5, 4, dtype=torch.int64)).to(target_dtype)
-        else:
-            target = torch.tensor([0, 1, 3, 1, 0]).to(target_dtype)
-        outcomes = []
-        for fn in (getattr(F, name), getattr(fl, name)):
-            try:
-                outcomes.append(fn(scores, target))
-            except (RuntimeError, NotImplementedError, ValueError, IndexError) as e:
-                outcomes.append(type(e))
-        theirs, ours = outcomes
-        what = f"{name}({input_dtype}, {target_dtype})"
-        if isinstance(theirs, torch.Tensor):
-            assert isinstance(ours, torch.Tensor), f"{what}: torch computes, funcloss raised {ours}"
-            assert ours.dtype == theirs.dtype, what
-            torch.testing.assert_close(ours, theirs, msg=what)
-        else:
-            assert ours is theirs, f"{what}: torch raises {theirs}, funcloss gave {ours}"
+        # (-1 wraps in uint8 and becomes True in bool: both dtypes are refused before any value is read.)
+        rows = [[1, 0, -1, 0]] * 5 if name == "multilabel_margin_loss" else [0, 1, 3, 1, 0]
+        target = torch.tensor(rows).to(target_dtype)
+        _assert_same_outcome(name, (scores, target), f"{name}({input_dtype}, {target_dtype})")
 
 
 @pytest.mark.parametrize("target_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
