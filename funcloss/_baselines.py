@@ -11,6 +11,7 @@ R^2; for `cross_entropy` with class indices it is McFadden's pseudo-R^2.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,8 +114,9 @@ def loss_baseline(
 ) -> Baseline:
     """The loss of the best prediction that is the same for every sample, for these targets.
 
-    ``loss_fn`` is a funcloss loss or its torch.nn.functional namesake; ``loss_kwargs`` are the
-    options the model's loss is computed with (reduction, weights, ...). The constant is the
+    ``loss_fn`` is a funcloss loss or its torch.nn.functional namesake (or a ``functools.partial``
+    of one binding options by keyword); ``loss_kwargs`` are the options the model's loss is
+    computed with (reduction, weights, ...). The constant is the
     minimiser of the loss over predictions constant along the batch dim (dim 0), one per
     position after it:
 
@@ -153,6 +155,9 @@ def loss_baseline(
     if target.dim() == 0 or target.size(0) == 0:
         raise ValueError(f"loss_baseline(...): expected targets with a non-empty batch dim, got {tuple(target.shape)}.")
     kwargs = dict(loss_kwargs)
+    while isinstance(loss_fn, functools.partial) and not loss_fn.args:  # options bound with partial
+        kwargs = {**loss_fn.keywords, **kwargs}
+        loss_fn = loss_fn.func
     n = target.size(0)
     dtype = target.dtype if target.is_floating_point() else torch.get_default_dtype()
     description: str

@@ -3,6 +3,7 @@ independently (numpy) and against a numerical minimisation over constants."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -139,6 +140,16 @@ def test_skill_reads_as_mcfadden_r2_and_is_negative_for_a_worse_model() -> None:
     assert 0 < float(base.skill(F.cross_entropy(good, y))) < 1
     assert float(base.skill(F.cross_entropy(-good, y))) < 0
     assert float(base.skill(base.value)) == 0
+
+
+def test_options_bound_with_partial_count_like_keywords() -> None:
+    y = torch.tensor([0] * 30 + [1] * 10 + [2] * 5)
+    w = torch.tensor([1.0, 2.0, 4.0])
+    bound = fl.loss_baseline(functools.partial(fl.cross_entropy, weight=w, label_smoothing=0.1), y)
+    direct = fl.loss_baseline(fl.cross_entropy, y, weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(bound.value, direct.value)
+    torch.testing.assert_close(bound.prediction, direct.prediction)
+    assert not torch.allclose(direct.value, fl.loss_baseline(fl.cross_entropy, y).value)
 
 
 def test_unsupported_losses_and_options_are_refused_with_the_list() -> None:

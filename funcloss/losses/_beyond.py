@@ -1,5 +1,5 @@
-"""Beyond torch.nn: focal losses, the quantile (pinball) loss, Barron's robust loss and
-class-weight estimators.
+"""Beyond torch.nn: focal losses, the real-world-weight cross-entropy, the quantile (pinball)
+loss, Barron's robust loss and class-weight estimators.
 
 Same conventions as the torch.nn losses: pure functions, unreduced values plus a reduction,
 no data-dependent Python control flow (every transform composes), value checks in eager mode.
