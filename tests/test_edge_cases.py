@@ -265,6 +265,9 @@ BAD_INPUTS: list[BadCase] = [
         "same number of dimensions",
     ),
     ("soft_margin_loss", lambda: ((torch.rand(3, 1), torch.rand(3)), {}), "broadcastable to the input's shape"),
+    # A class weight longer than C would index silently; shorter, with an IndexError.
+    ("multi_margin_loss", lambda: ((torch.rand(4, 3), T([0, 1, 2, 1])), {"weight": torch.rand(4)}), "3 elements"),
+    ("multi_margin_loss", lambda: ((torch.rand(4, 3), T([0, 1, 2, 1])), {"weight": torch.rand(1)}), "3 elements"),
 ]
 
 

@@ -177,6 +177,11 @@ def multi_margin_loss(
             f"Convert it with weight.to({input.dtype})."
         )
     target, classes = _check_index_classes("multi_margin_loss", input, target)
+    if weight is not None and weight.numel() != classes:
+        raise RuntimeError(
+            f"multi_margin_loss(...): expected a weight of {classes} elements, one per class, got "
+            f"{weight.numel()}. inconsistent weight size."
+        )
     expected_target = input.shape[:-1]
     if tuple(target.shape) != tuple(expected_target):
         raise RuntimeError(
