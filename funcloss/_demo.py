@@ -56,9 +56,11 @@ def train(
     steps: int,
     lr: float = 0.1,
     loss_fn: Callable[..., Tensor] = fl.cross_entropy,
+    baseline: fl.Baseline | None = None,
     out: TextIO = sys.stdout,
 ) -> dict[str, Tensor]:
-    """Full-batch gradient descent with ``torch.func.grad`` over a params dict (no ``.backward()``)."""
+    """Full-batch gradient descent with ``torch.func.grad`` over a params dict (no ``.backward()``);
+    with a ``baseline``, the progress line shows the loss's skill against it."""
     params = {k: v.detach().clone() for k, v in net.named_parameters()}
 
     def loss(p: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -75,6 +77,8 @@ def train(
             accuracy = float((logits.argmax(1) == y).double().mean())
             bar = "#" * (20 * step // steps)
             line = f"training [{bar:<20}] step {step}/{steps}  loss {value:.4f}  accuracy {accuracy:.1%}"
+            if baseline is not None:
+                line += f"  skill {float(baseline.skill(value)):.2f}"
             print(f"\r{line}" if live else line, end="" if live else "\n", file=out, flush=True)
     if out.isatty():
         print(file=out)
@@ -88,8 +92,14 @@ def run(steps: int = 300, plot: str | None = "funcloss-demo.png", out: TextIO = 
         f"data: {len(y)} samples, {FEATURES} features, class counts {counts}, {int(noisy.sum())} labels flipped",
         file=out,
     )
+    base = fl.loss_baseline(fl.cross_entropy, y, num_classes=CLASSES)
+    print(
+        f"baseline: predicting the class frequencies costs {float(base.value):.4f} nats; "
+        "skill = 1 - loss / baseline (McFadden's pseudo-R^2)",
+        file=out,
+    )
     net = model()
-    params = train(net, x, y, steps=steps, out=out)
+    params = train(net, x, y, steps=steps, baseline=base, out=out)
     net.load_state_dict(params, strict=False)
 
     stats = fl.grad_stats(net, fl.cross_entropy, x, y, chunk_size=128)

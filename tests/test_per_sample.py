@@ -342,6 +342,14 @@ def test_demo_finds_the_flipped_labels(tmp_path: object) -> None:
     assert run(steps=120, plot=None, out=out) == 0
     text = out.getvalue()
     assert "per-layer gradient signs" in text and "GSNR" in text
+    # The baseline is the entropy of the class counts it prints; the last skill follows from it.
+    counts = torch.tensor([int(c) for c in text.split("class counts [")[1].split("]")[0].split(", ")])
+    freq = counts / counts.sum()
+    entropy = float(-(freq * freq.log()).sum())
+    assert f"costs {entropy:.4f} nats" in text, text
+    last = text.split("step 120/120")[1].split("\n")[0]
+    loss, skill = float(last.split("loss ")[1].split()[0]), float(last.split("skill ")[1].split()[0])
+    assert skill == pytest.approx(1 - loss / entropy, abs=0.006) and 0 < skill < 1
     found = int(text.split(" of these ")[0].rsplit("\n", 1)[-1])
     assert found >= 6, text  # 12 flipped labels among 600: chance finds 0.2 of them
 
