@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import _beyond, _classification, _probabilistic, _regression
+from .losses import _beyond, _classification, _margin, _probabilistic, _regression
 
 __all__ = ["Baseline", "loss_baseline"]
 
@@ -70,6 +70,40 @@ def _order_statistic(target: Tensor, q: float | Tensor) -> Tensor:
     rank = torch.as_tensor(q, dtype=torch.float64, device=target.device).mul(n).ceil().long().sub(1).clamp(0, n - 1)
     rank = rank.expand(target.shape[1:]).unsqueeze(0)
     return ordered.gather(0, rank)[0]
+
+
+def _root(slope: Callable[[Tensor], Tensor], low: Tensor, high: Tensor) -> Tensor:
+    """Per position, a zero of the non-decreasing ``slope`` in ``[low, high]`` by bisection (the
+    minimiser of a convex loss over a constant, ``slope`` its derivative): 64 halvings take a
+    float64 bracket to its last bit."""
+    for _ in range(64):
+        mid = (low + high) / 2
+        up = slope(mid) > 0
+        high = torch.where(up, mid, high)
+        low = torch.where(up, low, mid)
+    return (low + high) / 2
+
+
+def _huber_location(target: Tensor, delta: float, weight: Tensor | None) -> Tensor:
+    """The constant minimising the summed Huber loss: the root of ``sum_n w_n clamp(c - y_n,
+    -delta, delta)``, between the smallest and largest target."""
+    y = target.to(torch.float64)
+    w = None if weight is None else weight.expand_as(target).to(torch.float64)
+
+    def slope(c: Tensor) -> Tensor:
+        psi = (c - y).clamp(-delta, delta)
+        return (psi if w is None else w * psi).sum(0)
+
+    return _root(slope, y.amin(0), y.amax(0)).to(target.dtype)
+
+
+def _sign_log_odds(target: Tensor) -> Tensor:
+    """The constant minimising ``sum_n log(1 + exp(-y_n c))``: the root of
+    ``-sum_n y_n sigmoid(-y_n c)``; for labels in {-1, 1}, the log-odds of +1. Bracketed in
+    [-40, 40] (a loss of 4e-18 where every label agrees)."""
+    y = target.to(torch.float64)
+    bound = torch.full(target.shape[1:], 40.0, dtype=torch.float64, device=target.device)
+    return _root(lambda c: -(y * torch.sigmoid(-y * c)).sum(0), -bound, bound).to(target.dtype)
 
 
 # A finite log-probability for a class no target has: exp(-1e4) is 0, and 0 * -1e4 is 0 where
@@ -132,6 +166,10 @@ def loss_baseline(
     ``binary_cross_entropy``                      mean target
     ``binary_cross_entropy_with_logits``          logit of the mean target (``pos_weight`` included)
     ``poisson_nll_loss``                          mean target (its log with ``log_input``)
+    ``huber_loss``, ``smooth_l1_loss``            Huber's location estimate (by bisection)
+    ``soft_margin_loss``                          log-odds of the labels
+    ``multilabel_soft_margin_loss``               logit of each class's frequency
+    ``gaussian_nll_loss`` (``var=`` given)        the mean weighted by ``1 / var``
     ============================================  ==================================================
 
     Args:
@@ -196,6 +234,27 @@ def loss_baseline(
             p = pos_weight * p / (pos_weight * p + 1 - p)
         # A finite logit where every target agrees: its loss, log1p(exp(-40)), is 4e-18.
         prediction, description = (torch.logit(p).clamp(-40.0, 40.0), "logit of the mean target")
+    elif loss_fn in (_regression.huber_loss, F.huber_loss, _regression.smooth_l1_loss, F.smooth_l1_loss):
+        huber = loss_fn in (_regression.huber_loss, F.huber_loss)
+        delta = float(kwargs.get("delta", 1.0) if huber else kwargs.get("beta", 1.0))
+        weight = kwargs.get("weight") if huber else None
+        if delta == 0:  # smooth_l1 with beta 0 is l1
+            prediction, description = _order_statistic(target, 0.5), "median"
+        else:
+            prediction, description = _huber_location(target, delta, weight), "Huber location"
+    elif loss_fn in (_margin.soft_margin_loss, F.soft_margin_loss):
+        prediction, description = _sign_log_odds(target), "log-odds of the labels"
+    elif loss_fn in (_margin.multilabel_soft_margin_loss, F.multilabel_soft_margin_loss):
+        mean = target.to(dtype).mean(0)
+        prediction, description = torch.logit(mean).clamp(-40.0, 40.0), "logit of each class's frequency"
+    elif loss_fn in (_regression.gaussian_nll_loss, F.gaussian_nll_loss):
+        if "var" not in kwargs:
+            raise ValueError("loss_baseline(...): gaussian_nll_loss needs its var= option.")
+        var = torch.as_tensor(kwargs["var"], dtype=target.dtype, device=target.device)
+        if var.dim() == target.dim() - 1 and var.dim() > 0 and var.shape != target.shape[1:]:
+            var = var.unsqueeze(-1)  # (N, ..., D) targets with one variance per row
+        precision = 1 / var.clamp_min(float(kwargs.get("eps", 1e-6))).expand_as(target)
+        prediction, description = _mean(target, precision), "precision-weighted mean"
     elif loss_fn in (_regression.poisson_nll_loss, F.poisson_nll_loss):
         log_input = kwargs.get("log_input", True)
         mean = target.mean(0)
@@ -217,4 +276,9 @@ _SUPPORTED: tuple[Callable[..., Tensor], ...] = (
     _probabilistic.binary_cross_entropy,
     _probabilistic.binary_cross_entropy_with_logits,
     _regression.poisson_nll_loss,
+    _regression.huber_loss,
+    _regression.smooth_l1_loss,
+    _margin.soft_margin_loss,
+    _margin.multilabel_soft_margin_loss,
+    _regression.gaussian_nll_loss,
 )

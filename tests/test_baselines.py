@@ -30,6 +30,8 @@ def _targets(kind: str, s: Sampler) -> Tensor:
         return s.uniform((30, 4)).softmax(1)
     if kind == "binary":
         return (s.uniform((40, 3)) < 0.3).to(torch.float64)
+    if kind == "signs":
+        return torch.where(s.uniform((40, 3)) < 0.7, 1.0, -1.0).to(torch.float64)
     if kind == "counts":
         return torch.poisson(s.uniform((40, 2), 0.5, 4.0), generator=s.gen)
     raise ValueError(kind)
@@ -60,6 +62,15 @@ CASES: list[tuple[Callable[..., Tensor], str, dict[str, Any], bool]] = [
     (fl.binary_cross_entropy, "binary", {}, True),
     (fl.binary_cross_entropy_with_logits, "binary", {"pos_weight": torch.tensor([2.0, 0.5, 1.0]).double()}, True),
     (F.poisson_nll_loss, "counts", {}, True),
+    (fl.huber_loss, "real", {"delta": 0.5}, True),
+    (F.huber_loss, "real", {"delta": 2.0, "reduction": "sum"}, True),
+    (fl.huber_loss, "real", {"weight": torch.linspace(0.2, 2.0, 111, dtype=torch.float64).reshape(37, 3)}, True),
+    (fl.smooth_l1_loss, "real", {"beta": 0.7}, True),
+    (F.smooth_l1_loss, "real", {"beta": 0.0}, False),
+    (fl.soft_margin_loss, "signs", {}, True),
+    (fl.multilabel_soft_margin_loss, "binary", {}, True),
+    (F.gaussian_nll_loss, "real", {"var": 0.5}, True),
+    (fl.gaussian_nll_loss, "real", {"var": torch.linspace(0.1, 3.0, 37, dtype=torch.float64)}, True),
     (fl.poisson_nll_loss, "counts", {"log_input": False}, True),
 ]
 IDS = [f"{getattr(f, '__module__', '').split('.')[0]}.{f.__name__}-{kind}-{sorted(o)}" for f, kind, o, _ in CASES]
@@ -155,7 +166,9 @@ def test_options_bound_with_partial_count_like_keywords() -> None:
 def test_unsupported_losses_and_options_are_refused_with_the_list() -> None:
     y = torch.randn(5, 2)
     with pytest.raises(ValueError, match=r"Supported: .*mse_loss"):
-        fl.loss_baseline(fl.huber_loss, y)
+        fl.loss_baseline(fl.kl_div, y)
+    with pytest.raises(ValueError, match="var="):
+        fl.loss_baseline(fl.gaussian_nll_loss, y)
     with pytest.raises(ValueError, match="weighted median"):
         fl.loss_baseline(fl.l1_loss, y, weight=torch.ones(5, 2))
     with pytest.raises(ValueError, match="quantile="):
