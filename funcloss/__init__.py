@@ -47,6 +47,7 @@ from .losses._adaptive import adaptive_log_softmax_with_loss as adaptive_log_sof
 from .losses._beyond import ClassWeightMethod as ClassWeightMethod
 from .losses._beyond import class_weights as class_weights
 from .losses._beyond import focal_loss as focal_loss
+from .losses._beyond import positive_weights as positive_weights
 from .losses._beyond import quantile_loss as quantile_loss
 from .losses._beyond import real_world_weight_cross_entropy as real_world_weight_cross_entropy
 from .losses._beyond import robust_loss as robust_loss
@@ -128,6 +129,7 @@ __all__ = [
     "per_sample_grad",
     "per_sample_grads",
     "poisson_nll_loss",
+    "positive_weights",
     "quantile_loss",
     "real_world_weight_cross_entropy",
     "reduce",

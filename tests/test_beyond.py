@@ -634,3 +634,29 @@ def test_class_weights_refuse_what_they_cannot_weigh() -> None:
 def test_class_weights_keep_the_targets_device_and_take_a_dtype() -> None:
     w = fl.class_weights(torch.tensor([0, 1, 1], dtype=torch.uint8), dtype=torch.float16)
     assert w.dtype == torch.float16 and w.device == torch.device("cpu") and w.shape == (2,)
+
+
+def test_positive_weights_balance_each_class_as_torch_documents() -> None:
+    # torch's pos_weight example: 100 positives and 300 negatives of one class give 3.
+    y = torch.zeros(400, 2)
+    y[:100, 0] = 1
+    y[:200, 1] = 1
+    torch.testing.assert_close(fl.positive_weights(y), torch.tensor([3.0, 1.0]))
+    # Weighted so, each class's positives weigh as much as its negatives in the loss's sum.
+    s = Sampler(12)
+    labels = (s.uniform((50, 4, 3)) < torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)).to(torch.float64)
+    w = fl.positive_weights(labels, dtype=torch.float64)
+    flat = labels.reshape(-1, 3)
+    torch.testing.assert_close((flat * w).sum(0), (1 - flat).sum(0))
+    assert fl.positive_weights(labels.bool()).dtype == torch.float32
+
+
+def test_positive_weights_refuse_what_they_cannot_weigh() -> None:
+    with pytest.raises(ValueError, match=r"missing \(1 of 2\): 1"):
+        fl.positive_weights(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        fl.positive_weights(torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="floating point or bool"):
+        fl.positive_weights(torch.tensor([[1, 0]]))
+    with pytest.raises(RuntimeError, match="outside transforms"):
+        tf.vmap(fl.positive_weights)(torch.ones(2, 3, 2))

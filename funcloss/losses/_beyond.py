@@ -422,3 +422,43 @@ def class_weights(
         raw = (1.0 - beta) / -torch.expm1(counts * torch.tensor(beta, dtype=torch.float64).log())
     weights = raw * (counts.sum() / (counts * raw).sum())
     return weights.to(dtype=dtype, device=target.device)
+
+
+def positive_weights(target: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``pos_weight`` for `binary_cross_entropy_with_logits` from multi-label targets: per class
+    (the last dim), the number of negatives over the number of positives.
+
+    With that weight the positives of each class count as much in total as its negatives
+    (torch's documentation of ``pos_weight``: 100 positives and 300 negatives give 3). Soft
+    targets count fractionally: ``sum (1 - y) / sum y``.
+
+    An estimator, not a loss: it reads the targets' values and runs in eager mode only.
+
+    Args:
+        target: ``(..., C)`` values in [0, 1] (0/1 labels or probabilities).
+        dtype: of the returned weights.
+
+    Raises:
+        ValueError: a class has no positive (its weight would be infinite), a target outside
+            [0, 1], or targets that are not floating point or bool.
+    """
+    if not (target.is_floating_point() or target.dtype == torch.bool):
+        raise ValueError(
+            f"positive_weights(...): expected 0/1 or probability targets (floating point or bool), got {target.dtype}."
+        )
+    if target.dim() == 0:
+        raise ValueError("positive_weights(...): expected targets (..., C), got a scalar.")
+    if not is_eager():
+        raise RuntimeError("positive_weights(...): reads the targets' values; call it outside transforms and compile.")
+    y = target.reshape(-1, target.size(-1)).to(torch.float64)
+    if y.numel() and not bool(((y >= 0) & (y <= 1)).all()):
+        raise ValueError("positive_weights(...): expected targets in [0, 1].")
+    positives = y.sum(0)
+    missing = (positives == 0).nonzero().reshape(-1).tolist()
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"positive_weights(...): expected every class to have a positive; missing ({len(missing)} of "
+            f"{y.size(1)}): {shown}. Their weights would be infinite."
+        )
+    return ((y.size(0) - positives) / positives).to(dtype=dtype, device=target.device)

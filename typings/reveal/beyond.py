@@ -23,3 +23,4 @@ assert_type(fl.real_world_weight_cross_entropy(logits, labels, torch.ones(5), co
 baseline = fl.loss_baseline(fl.cross_entropy, labels, num_classes=5)
 assert_type(baseline, fl.Baseline)
 assert_type(baseline.skill(fl.cross_entropy(logits, labels)), Tensor)
+assert_type(fl.positive_weights(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dtype=torch.float64), Tensor)
