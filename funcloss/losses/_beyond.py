@@ -336,6 +336,17 @@ def robust_loss(
     return reduce(values, reduction)
 
 
+def _refuse_empty_classes(fn: str, counts: Tensor, expected: str, fix: str) -> None:
+    """``ValueError`` naming the classes whose count is 0 (their weight would be infinite)."""
+    missing = (counts == 0).nonzero().reshape(-1).tolist()
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"{fn}(...): expected {expected}; missing ({len(missing)} of {counts.numel()}): {shown}. "
+            f"Their weights would be infinite: {fix}."
+        )
+
+
 def class_weights(
     target: Tensor,
     num_classes: int | None = None,
@@ -405,14 +416,12 @@ def class_weights(
             f"got values in [{int(kept.min())}, {int(kept.max())}]."
         )
     counts = torch.bincount(kept.cpu(), minlength=num_classes).to(torch.float64)
-    absent = (counts == 0).nonzero().reshape(-1).tolist()
-    if absent:
-        shown = ", ".join(map(str, absent[:10])) + (", ..." if len(absent) > 10 else "")
-        raise ValueError(
-            f"class_weights(...): expected every class in [0, {num_classes - 1}] to occur; missing "
-            f"({len(absent)} of {num_classes}): {shown}. Their weights would be infinite: count over data that "
-            "has every class, or build the weights yourself."
-        )
+    _refuse_empty_classes(
+        "class_weights",
+        counts,
+        f"every class in [0, {num_classes - 1}] to occur",
+        "count over data that has every class, or build the weights yourself",
+    )
     if method == "balanced":
         raw = 1.0 / counts
     elif method == "inverse_sqrt":
@@ -454,11 +463,5 @@ def positive_weights(target: Tensor, *, dtype: torch.dtype = torch.float32) -> T
     if y.numel() and not bool(((y >= 0) & (y <= 1)).all()):
         raise ValueError("positive_weights(...): expected targets in [0, 1].")
     positives = y.sum(0)
-    missing = (positives == 0).nonzero().reshape(-1).tolist()
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise ValueError(
-            f"positive_weights(...): expected every class to have a positive; missing ({len(missing)} of "
-            f"{y.size(1)}): {shown}. Their weights would be infinite."
-        )
+    _refuse_empty_classes("positive_weights", positives, "every class to have a positive", "count over more data")
     return ((y.size(0) - positives) / positives).to(dtype=dtype, device=target.device)
