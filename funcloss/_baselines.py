@@ -34,7 +34,7 @@ class Baseline:
             the same reduction as the model's loss it is compared with).
         prediction: one sample's prediction, the loss's ``input`` without its batch dim; it is
             expanded along the batch dim when the loss is evaluated.
-        description: what the prediction is, e.g. ``"class frequencies"``.
+        description: what the prediction is, e.g. ``"log class frequencies"``.
     """
 
     value: Tensor
