@@ -559,18 +559,64 @@ def _assert_same_outcome(name: str, args: tuple[torch.Tensor, ...], what: str, *
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (700, 1500)], ids=["small", "fast-path"])
-@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.bool], ids=str)
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.bool, torch.int64, torch.uint8], ids=str)
 @pytest.mark.parametrize("name", OPERAND_LOSSES)
 def test_operand_dtypes_are_taken_or_refused_like_torch(
     name: str, input_dtype: torch.dtype, shape: tuple[int, ...]
 ) -> None:
-    """Integer and bool targets (0/1 labels), and bool inputs: where torch's kernel computes,
-    the same dtype and value; where it refuses, the same exception class."""
+    """Integer and bool targets (0/1 labels), and bool and integer inputs: where torch's kernel
+    computes, the same dtype and value (an integral hinge loss stays integral); where it
+    refuses, the same exception class (a soft margin of integer scores, the mean of an integral
+    loss)."""
     for target_dtype in TARGET_DTYPES:
         x, y = _operand(input_dtype, shape, 0), _operand(target_dtype, shape, 1)
-        for reduction in ("mean", "none"):
+        for reduction in ("mean", "none", "sum"):
             what = f"{name}({input_dtype}, {target_dtype}, reduction={reduction!r})"
             _assert_same_outcome(name, (x, y), what, reduction=reduction)
+
+
+def _several_operands(name: str) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.rand(6, 4, generator=gen) for _ in range(3)]
+    sign = (torch.rand(6, generator=gen) < 0.5).float() * 2 - 1
+    if name == "margin_ranking_loss":
+        return values[0][:, 0], values[1][:, 0], sign
+    if name == "cosine_embedding_loss":
+        return values[0], values[1], sign
+    if name == "gaussian_nll_loss":
+        return values[0], values[1], values[2] + 0.1
+    return tuple(values)  # the triplets
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "margin_ranking_loss",
+        "gaussian_nll_loss",
+        "cosine_embedding_loss",
+        "triplet_margin_loss",
+        "triplet_margin_with_distance_loss",
+    ],
+)
+def test_each_operand_dtype_is_taken_or_refused_like_torch(name: str) -> None:
+    """The losses of three tensors, one operand at a time in another dtype and then all three in
+    it: torch's result dtype and value, or its exception class (integral scores ranked against
+    a float margin give a float loss; an integral variance, which torch clamps in place, is
+    refused)."""
+    operands = _several_operands(name)
+    dtypes = [torch.float64, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+    def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return t > 0.5 if dtype == torch.bool else t.to(dtype) if dtype.is_floating_point else (t * 3).to(dtype)
+
+    for dtype in dtypes:
+        cases = [tuple(cast(t, dtype) if i == k else t for i, t in enumerate(operands)) for k in range(3)]
+        cases.append(tuple(cast(t, dtype) for t in operands))
+        for k, args in enumerate(cases):
+            which = "all operands" if k == 3 else f"operand {k}"
+            for reduction in ("mean", "none", "sum"):
+                what = f"{name}({which} {dtype}, reduction={reduction!r})"
+                _assert_same_outcome(name, args, what, reduction=reduction)
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64, torch.int64], ids=str)

@@ -36,6 +36,12 @@ def soft_margin_loss(
     See also: ``torch.nn.functional.soft_margin_loss``.
     """
     check_reduction("soft_margin_loss", reduction)
+    if not (input.is_floating_point() or input.is_complex()):
+        # torch's kernel computes log(1 + exp(-y x)) in place in the input's dtype.
+        raise RuntimeError(
+            f"soft_margin_loss(...): expected floating-point scores, got {input.dtype}: the loss is computed "
+            "in the input's dtype, which cannot hold it. Convert the input with input.float()."
+        )
     if broadcast_shape(input.shape, target.shape) != input.shape:
         raise RuntimeError(
             f"soft_margin_loss(...): expected a target broadcastable to the input's shape "
@@ -86,7 +92,10 @@ def hinge_embedding_loss(
     """
     check_reduction("hinge_embedding_loss", reduction)
     zero = torch.zeros((), dtype=input.dtype, device=input.device)
-    hinge = torch.where(target != 1, (margin - input).clamp_min(0), zero)
+    # torch forms margin - x in the input's dtype: an integral input truncates the margin and
+    # gives an integral loss (whose "mean" is then refused).
+    gap = margin - input if input.is_floating_point() else torch.full_like(input, margin) - input
+    hinge = torch.where(target != 1, gap.clamp_min(0), zero)
     direct = torch.where(target != -1, input, zero)
     return reduce(hinge + direct, reduction)
 
@@ -120,7 +129,9 @@ def margin_ranking_loss(
             f"of dimensions, got {tuple(input1.shape)}, {tuple(input2.shape)} and "
             f"{tuple(target.shape)}."
         )
-    return reduce((-target * (input1 - input2) + margin).clamp_min(0), reduction)
+    # The margin is a float (``+ 0.0``; also for a symbolic int), as torch's: integral scores
+    # give a floating-point loss.
+    return reduce((-target * (input1 - input2) + (margin + 0.0)).clamp_min(0), reduction)
 
 
 def _check_index_classes(fn: str, input: Tensor, target: Tensor) -> tuple[Tensor, int]:

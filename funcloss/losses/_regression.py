@@ -298,6 +298,12 @@ def _gaussian_var(input: Tensor, var: Tensor | float) -> Tensor:
         "gaussian_nll_loss(...): expected every var >= 0, got a negative entry. "
         "var has negative entry/entries. Pass a variance (e.g. softplus of a raw output).",
     )
+    if not (var.is_floating_point() or var.is_complex()):
+        # torch clamps a copy of var in place at eps, which an integral or bool tensor cannot hold.
+        raise RuntimeError(
+            f"gaussian_nll_loss(...): expected a floating-point var, got {var.dtype} (it is clamped at eps in "
+            "its own dtype). Convert it with var.float()."
+        )
     if var.shape == input.shape:
         return var
     if var.shape == input.shape[:-1]:
