@@ -54,6 +54,38 @@ def test_every_torch_loss_class_has_a_criterion() -> None:
     assert torch_losses <= set(fnn.__all__), sorted(torch_losses - set(fnn.__all__))
 
 
+def test_criteria_offer_torchs_public_interface() -> None:
+    """A drop-in replacement: every public method and attribute of torch's class exists on the
+    criterion, and the call methods take the same parameter names."""
+    import inspect
+
+    for name in fnn.__all__:
+        theirs = getattr(nn, name, None)
+        if not isinstance(theirs, type):
+            continue
+        ours = getattr(fnn, name)
+        missing = [a for a in dir(theirs) if not a.startswith("_") and not hasattr(ours, a)]
+        assert not missing, (name, missing)
+        for method in ("forward", "log_prob", "predict"):
+            if hasattr(theirs, method):
+                ours_params = list(inspect.signature(getattr(ours, method)).parameters)
+                assert ours_params == list(inspect.signature(getattr(theirs, method)).parameters), (name, method)
+
+
+def test_adaptive_criterion_resets_its_parameters_like_torch() -> None:
+    torch.manual_seed(0)
+    ours = fnn.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True)
+    theirs = nn.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    torch.manual_seed(1)
+    ours.reset_parameters()
+    torch.manual_seed(1)
+    theirs.reset_parameters()
+    for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+        assert not torch.equal(a, before[k]), k
+
+
 # torch's classes for these take no weight (only the functions do, since torch 2.13).
 NO_WEIGHT = {"L1Loss", "MSELoss", "HuberLoss"}
 

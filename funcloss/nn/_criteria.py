@@ -673,6 +673,14 @@ class AdaptiveLogSoftmaxWithLoss(nn.Module):
     def _tails(self) -> list[tuple[Tensor, Tensor]]:
         return [(t[0].weight, t[1].weight) for t in self.tail]  # type: ignore[index]
 
+    def reset_parameters(self) -> None:
+        """Draw the head and tail weights afresh, as at construction (``nn.Linear``'s
+        initialisation)."""
+        self.head.reset_parameters()
+        for module in self.tail.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
     def forward(self, input_: Tensor, target_: Tensor) -> ASMOutput:
         return _adaptive.adaptive_log_softmax_with_loss(
             input_, target_, self.head.weight, self._tails(), self.cutoffs[:-1], head_bias=self.head.bias
