@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from ._checks import is_eager, on_accelerator
-from ._per_sample import GradStats
+from ._per_sample import Batch, GradStats, batch_size, call_model, map_batch, rows_of
 from .losses import _classification as fl_class
 from .losses import _probabilistic as fl_prob
 from .losses import _regression as fl_reg
@@ -367,11 +367,14 @@ def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
     return layers or None
 
 
-def _recorder(calls: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple[Any, ...], Tensor], None]:
-    """A forward hook that records each call's (input, output)."""
+def _recorder(
+    calls: list[tuple[Tensor | None, Tensor]],
+) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Tensor], None]:
+    """A forward hook (``with_kwargs=True``) that records each call's (input, output); the
+    input passed by keyword too (``layer(input=x)``), None if neither."""
 
-    def record(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        calls.append((args[0], output))
+    def record(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor) -> None:
+        calls.append((args[0] if args else kwargs.get("input"), output))
 
     return record
 
@@ -388,42 +391,56 @@ def _captured(
     model: nn.Module,
     layers: Mapping[str, nn.Module],
     loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Batch,
+    targets: Batch,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
 ) -> Iterator[tuple[slice, list[tuple[str, nn.Module, Tensor, Tensor]]]]:
     """Per chunk: each layer's input and the gradient of the summed per-sample losses with
     respect to its output, from one batched forward and one backward."""
 
-    def per_sample_loss(out: Tensor, target: Tensor) -> Tensor:
-        return loss_fn(out.unsqueeze(0), target.unsqueeze(0), **loss_kwargs)
+    def per_sample_loss(out: Any, target: Batch) -> Tensor:
+        return loss_fn(as_batch_of_one(out), as_batch_of_one(target), **loss_kwargs)
+
+    def as_batch_of_one(sample: Any) -> Any:
+        return map_batch(sample, lambda t: t.unsqueeze(0))
 
     rowwise = _rowwise(loss_fn, loss_kwargs)
     output_grad = _output_grad(loss_fn, loss_kwargs)
 
-    def batched_loss(out: Tensor, target: Tensor) -> Tensor:
-        losses = rowwise(out, target) if rowwise is not None else None
-        return tf.vmap(per_sample_loss)(out, target) if losses is None else losses
+    def batched_loss(out: Any, target: Batch) -> Tensor:
+        # The one-call form takes one output tensor and one target tensor.
+        if rowwise is not None and isinstance(out, Tensor) and isinstance(target, Tensor):
+            losses = rowwise(out, target)
+            if losses is not None:
+                return losses
+        per_sample: Tensor = tf.vmap(per_sample_loss)(out, target)
+        return per_sample
 
-    n = inputs.size(0)
+    n = batch_size(inputs)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(n, start + chunk_size))
-        chunk_inputs, chunk_targets = (inputs, targets) if chunk_size >= n else (inputs[rows], targets[rows])
-        seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in layers}
-        handles = [module.register_forward_hook(_recorder(seen[name])) for name, module in layers.items()]
+        whole = chunk_size >= n
+        chunk_inputs = inputs if whole else rows_of(inputs, rows)
+        chunk_targets = targets if whole else rows_of(targets, rows)
+        seen: dict[str, list[tuple[Tensor | None, Tensor]]] = {name: [] for name in layers}
+        handles = [
+            module.register_forward_hook(_recorder(seen[name]), with_kwargs=True) for name, module in layers.items()
+        ]
         # Like torch.func.grad, work inside a caller's no_grad block.
         with torch.enable_grad():
             try:
-                out = model(chunk_inputs)
+                out = call_model(model, chunk_inputs)
             finally:
                 for handle in handles:
                     handle.remove()
-            if any(len(calls) != 1 for calls in seen.values()):
+            if any(len(calls) != 1 or calls[0][0] is None for calls in seen.values()):
                 raise _Unsupported
             names = list(layers)
             outputs = [seen[name][0][1] for name in names]
-            closed = output_grad(out, chunk_targets) if output_grad is not None else None
+            closed = None
+            if output_grad is not None and isinstance(out, Tensor) and isinstance(chunk_targets, Tensor):
+                closed = output_grad(out, chunk_targets)
             if closed is not None:
                 grads = torch.autograd.grad(out, outputs, closed, allow_unused=True)
             else:
@@ -431,6 +448,7 @@ def _captured(
         captured = []
         for name, grad_out in zip(names, grads):
             layer_in, layer_out = seen[name][0]
+            assert layer_in is not None  # checked above
             grad_out = torch.zeros_like(layer_out) if grad_out is None else grad_out
             captured.append((name, layers[name], layer_in.detach(), grad_out))  # grad_out has no graph
         yield rows, captured
@@ -440,8 +458,8 @@ def _captured(
 def layer_moments(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Batch,
+    targets: Batch,
     *,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
@@ -455,10 +473,10 @@ def layer_moments(
     if layers is None:
         return None
     acc = _Moments(params)
-    n = inputs.size(0)
+    n = batch_size(inputs)
     try:
         for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
-            norms = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=inputs.device)
+            norms = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=acc.device)
             linears: dict[tuple[torch.dtype, torch.dtype], list[tuple[str | None, str | None, Tensor, Tensor]]] = {}
             for name, module, layer_in, grad_out in captured:
                 if isinstance(module, nn.Linear) and layer_in.dim() == 2:
@@ -486,8 +504,8 @@ def layer_moments(
 def layer_grads(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Batch,
+    targets: Batch,
     *,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
@@ -498,7 +516,7 @@ def layer_grads(
     layers = _supported_layers(model)
     if layers is None:
         return None
-    n = inputs.size(0)
+    n = batch_size(inputs)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     # A convolution's per-sample weight gradients come out of their own kernel: with the whole
     # batch in one chunk they are the result as they come (no copy into a buffer).

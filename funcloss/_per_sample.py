@@ -131,27 +131,97 @@ def _trainable(model: nn.Module, fn: str) -> dict[str, Tensor]:
 
 def _example_loss(
     model: nn.Module, loss_fn: Callable[..., Tensor], buffers: Mapping[str, Tensor], loss_kwargs: Mapping[str, Any]
-) -> Callable[[Grads, Tensor, Tensor], Tensor]:
-    def loss(params: Grads, x: Tensor, y: Tensor) -> Tensor:
-        out = tf.functional_call(model, (params, dict(buffers)), (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0), **loss_kwargs)
+) -> Callable[[Grads, Batch, Batch], Tensor]:
+    def loss(params: Grads, x: Batch, y: Batch) -> Tensor:
+        out = functional_forward(model, params, buffers, map_batch(x, lambda t: t.unsqueeze(0)))
+        return loss_fn(out, map_batch(y, lambda t: t.unsqueeze(0)), **loss_kwargs)
 
     return loss
 
 
-def _check_batch(fn: str, inputs: Tensor, targets: Tensor) -> None:
-    if inputs.dim() == 0 or targets.dim() == 0 or inputs.size(0) != targets.size(0):
+def functional_forward(
+    model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor], batch: Batch
+) -> Any:
+    """``model``'s forward on ``batch`` (a tensor, positional tuple or keyword mapping) with
+    ``params`` and ``buffers`` in place of its own."""
+    state = (dict(params), dict(buffers))
+    if isinstance(batch, Tensor):
+        return tf.functional_call(model, state, (batch,))
+    if isinstance(batch, Mapping):
+        return tf.functional_call(model, state, (), dict(batch))
+    return tf.functional_call(model, state, tuple(batch))
+
+
+# A batch of model inputs or targets: one tensor, or several (each with the sample on dim 0)
+# passed positionally (a tuple) or by keyword (a mapping).
+Batch = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
+
+
+def map_batch(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: fn(v) for k, v in batch.items()}
+    return tuple(fn(t) for t in batch)
+
+
+def _leaves(batch: Batch) -> list[Tensor]:
+    if isinstance(batch, Tensor):
+        return [batch]
+    return list(batch.values()) if isinstance(batch, Mapping) else list(batch)
+
+
+def rows_of(batch: Batch, rows: slice) -> Batch:
+    """The samples ``rows`` of every tensor in ``batch``."""
+    return map_batch(batch, lambda t: t[rows])
+
+
+def call_model(model: Callable[..., Any], batch: Batch) -> Any:
+    """``model(x)``, ``model(*xs)`` or ``model(**xs)`` for a tensor, tuple or mapping batch."""
+    if isinstance(batch, Tensor):
+        return model(batch)
+    return model(**batch) if isinstance(batch, Mapping) else model(*batch)
+
+
+def batch_size(batch: Batch) -> int:
+    return _leaves(batch)[0].size(0)
+
+
+def _check_batch(fn: str, inputs: Batch, targets: Batch) -> tuple[Batch, Batch]:
+    """``inputs`` and ``targets`` as batches (a list taken as a tuple), checked: tensors with
+    one sample count on dim 0."""
+    checked: list[Batch] = []
+    for what, batch in (("inputs", inputs), ("targets", targets)):
+        if isinstance(batch, list):
+            batch = tuple(batch)
+        if not isinstance(batch, Tensor | tuple | Mapping):
+            raise TypeError(
+                f"{fn}(...): expected {what} as a Tensor, a tuple of Tensors (positional arguments) or a mapping "
+                f"of names to Tensors (keyword arguments), got {type(batch).__name__}."
+            )
+        leaves = _leaves(batch)
+        bad = sorted({type(t).__name__ for t in leaves if not isinstance(t, Tensor)})
+        if not leaves or bad:
+            raise TypeError(
+                f"{fn}(...): expected {what} made of Tensors, got "
+                f"{'none' if not leaves else ', '.join(bad)}. Bind constant arguments into the model or the loss "
+                "(e.g. with functools.partial) instead."
+            )
+        checked.append(batch)
+    shapes = [tuple(t.shape) for b in checked for t in _leaves(b)]
+    if any(len(s) == 0 for s in shapes) or len({s[0] for s in shapes}) != 1:
         raise ValueError(
             f"{fn}(...): expected inputs and targets with the same batch size on dim 0, got shapes "
-            f"{tuple(inputs.shape)} and {tuple(targets.shape)}."
+            f"{', '.join(map(str, shapes))}."
         )
+    return checked[0], checked[1]
 
 
 def per_sample_grads(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Batch,
+    targets: Batch,
     *,
     chunk_size: int | None = None,
     randomness: Randomness = "different",
@@ -169,7 +239,10 @@ def per_sample_grads(
             ``eval()`` or GroupNorm).
         loss_fn: any loss with the ``(output, target)`` call form: a funcloss loss, a
             combination of them, or your own.
-        inputs, targets: batches, dim 0 the sample.
+        inputs, targets: batches, dim 0 the sample. Several model inputs (ids and a mask, say)
+            go as a tuple (``model(*inputs)``) or a mapping (``model(**inputs)``) of tensors,
+            each sliced per sample alike; targets likewise (the loss then gets the tuple or
+            mapping).
         chunk_size: samples per vmap chunk, to bound memory (None: all at once).
         randomness: dropout and other random ops: ``"different"`` (default, like a real batch:
             each sample draws its own mask), ``"same"`` or ``"error"``.
@@ -184,7 +257,7 @@ def per_sample_grads(
 
     Memory: ``B x P`` floats for the result, plus the working set of a chunk.
     """
-    _check_batch("per_sample_grads", inputs, targets)
+    inputs, targets = _check_batch("per_sample_grads", inputs, targets)
     _check_model(model, "per_sample_grads")
     if method not in ("auto", "vmap"):
         raise ValueError(f"per_sample_grads(...): expected method 'auto' or 'vmap', got {method!r}.")
@@ -192,7 +265,7 @@ def per_sample_grads(
     if method == "auto" and randomness == "different":
         from ._moments import layer_grads
 
-        size = chunk_size or inputs.size(0) or 1
+        size = chunk_size or batch_size(inputs) or 1
         fast = layer_grads(model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs)
         if fast is not None:
             return fast
@@ -258,8 +331,8 @@ _CHUNK_ELEMENTS = 1 << 24
 def grad_stats(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Batch,
+    targets: Batch,
     *,
     chunk_size: int | None = None,
     groups: Tensor | None = None,
@@ -300,15 +373,15 @@ def grad_stats(
         Chan, T. F., Golub, G. H. and LeVeque, R. J. "Updating formulae and a pairwise
         algorithm for computing sample variances", 1979.
     """
-    _check_batch("grad_stats", inputs, targets)
+    inputs, targets = _check_batch("grad_stats", inputs, targets)
     _check_model(model, "grad_stats")
-    n = inputs.size(0)
+    n = batch_size(inputs)
     if n == 0:
         raise ValueError("grad_stats(...): expected at least one sample, got an empty batch.")
     params = _trainable(model, "grad_stats")
     if chunk_size is None:
         # Per sample: P gradient elements, and activations taken as 16 times the input.
-        per_sample = sum(p.numel() for p in params.values()) + 16 * inputs[0].numel()
+        per_sample = sum(p.numel() for p in params.values()) + 16 * sum(t[0].numel() for t in _leaves(inputs))
         size = max(1, _CHUNK_ELEMENTS // per_sample)
     else:
         size = chunk_size
@@ -345,7 +418,7 @@ def grad_stats(
     chunks = list(_chunks(n, size))
     for i, rows in enumerate(chunks):
         with _vmap_advice(model, "grad_stats"):
-            acc.add(per_chunk(params, inputs[rows], targets[rows]))
+            acc.add(per_chunk(params, rows_of(inputs, rows), rows_of(targets, rows)))
         if progress:
             print(f"\rgrad_stats: {rows.stop}/{n} samples ({i + 1}/{len(chunks)} chunks)", end="", file=sys.stderr)
     if progress:
@@ -398,8 +471,8 @@ class _Running:
 def _group_stats(
     per_chunk: Callable[..., Any],
     params: Grads,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Batch,
+    targets: Batch,
     groups: Tensor,
     size: int,
     progress: bool,
@@ -407,10 +480,10 @@ def _group_stats(
     labels, index = torch.unique(groups, return_inverse=True)
     g_count = labels.numel()
     sums = {k: torch.zeros((g_count, *v.shape), dtype=v.dtype, device=v.device) for k, v in params.items()}
-    counts = torch.zeros(g_count, dtype=next(iter(params.values())).dtype, device=inputs.device)
-    n = inputs.size(0)
+    counts = torch.zeros(g_count, dtype=next(iter(params.values())).dtype, device=groups.device)
+    n = batch_size(inputs)
     for rows in _chunks(n, size):
-        grads = per_chunk(params, inputs[rows], targets[rows])
+        grads = per_chunk(params, rows_of(inputs, rows), rows_of(targets, rows))
         for k, g in grads.items():
             sums[k].index_add_(0, index[rows], g)
         counts.index_add_(0, index[rows], torch.ones_like(index[rows], dtype=counts.dtype))

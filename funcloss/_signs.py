@@ -11,7 +11,7 @@ import torch.func as tf
 from torch import Tensor, nn
 
 from ._combinators import LossSum
-from ._per_sample import GradStats
+from ._per_sample import Batch, GradStats, functional_forward
 
 Grads = dict[str, Tensor]
 
@@ -168,14 +168,15 @@ def gradient_conflicts(
 
 def model_terms(
     model: nn.Module, loss: LossSum[...]
-) -> dict[str, Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor]]:
+) -> dict[str, Callable[[Mapping[str, Tensor], Batch, Any], Tensor]]:
     """The terms of ``loss`` as functions of ``(params, inputs, targets)`` through ``model``,
-    for `gradient_conflicts` (each term weighted as in the sum)."""
+    for `gradient_conflicts` (each term weighted as in the sum). ``inputs`` is a tensor, or a
+    tuple (``model(*inputs)``) or mapping (``model(**inputs)``) of tensors."""
     buffers = dict(model.named_buffers())
 
-    def term_fn(name: str) -> Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor]:
-        def fn(params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
-            out = tf.functional_call(model, (dict(params), buffers), (inputs,))
+    def term_fn(name: str) -> Callable[[Mapping[str, Tensor], Batch, Any], Tensor]:
+        def fn(params: Mapping[str, Tensor], inputs: Batch, targets: Any) -> Tensor:
+            out = functional_forward(model, params, buffers, inputs)
             return loss.terms[name](out, targets) * loss.weight(name)
 
         return fn

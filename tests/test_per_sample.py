@@ -174,6 +174,108 @@ def test_grad_stats_over_groups_use_group_means() -> None:
         torch.testing.assert_close(s.sign_agreement[name], means.sign().mean(0).abs())
 
 
+class Masked(nn.Module):
+    """Token ids and a padding mask (two inputs) -> class scores; with ``norm`` a LayerNorm,
+    which the per-layer path does not cover (so the vmap path runs)."""
+
+    def __init__(self, norm: bool) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.norm = nn.LayerNorm(6) if norm else nn.Identity()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        pooled = (self.emb(ids) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        out: Tensor = self.fc(self.norm(pooled))
+        return out
+
+
+def _masked(norm: bool) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    ids, labels = torch.randint(0, 20, (9, 5), generator=g), torch.randint(0, 3, (9,), generator=g)
+    mask = (torch.rand(9, 5, generator=g) < 0.7).to(D)
+    weights = torch.rand(9, generator=g, dtype=D)
+    return Masked(norm).double(), ids, mask, labels, weights
+
+
+def _weighted_ce(out: Tensor, target: tuple[Tensor, Tensor]) -> Tensor:
+    """A loss whose target is a pair: labels and a weight per sample."""
+    labels, weights = target
+    return (fl.cross_entropy(out, labels, reduction="none") * weights).mean()
+
+
+def _loop_several(
+    model: nn.Module, loss: Callable[..., Tensor], inputs: tuple[Tensor, ...], target: Callable[[int], object]
+) -> dict[str, Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    rows = [
+        torch.autograd.grad(loss(model(*(t[i : i + 1] for t in inputs)), target(i)), [p for _, p in named])
+        for i in range(len(inputs[0]))
+    ]
+    return {n: torch.stack([r[k] for r in rows]) for k, (n, _) in enumerate(named)}
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("norm", [False, True], ids=["layers", "layernorm"])
+@pytest.mark.parametrize("packing", ["tuple", "mapping"])
+def test_models_of_several_inputs_and_targets(packing: str, norm: bool, method: Literal["auto", "vmap"]) -> None:
+    """Inputs as a tuple (``model(*inputs)``) or a mapping (``model(**inputs)``), and a pair of
+    targets, on the per-layer and the vmap paths: per-sample gradients and statistics against a
+    loop of single-sample backwards."""
+    model, ids, mask, labels, weights = _masked(norm)
+    inputs: tuple[Tensor, ...] | dict[str, Tensor] = (ids, mask) if packing == "tuple" else {"ids": ids, "mask": mask}
+    expected = _loop_several(model, fl.cross_entropy, (ids, mask), lambda i: labels[i : i + 1])
+    ours = fl.per_sample_grads(model, fl.cross_entropy, inputs, labels, method=method)
+    assert list(ours) == list(expected)
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-10, atol=1e-12)
+    for chunk in (4, None):
+        stats = fl.grad_stats(model, fl.cross_entropy, inputs, labels, chunk_size=chunk, method=method)
+        _assert_stats_match(stats, expected)
+
+    paired = _loop_several(model, _weighted_ce, (ids, mask), lambda i: (labels[i : i + 1], weights[i : i + 1]))
+    ours = fl.per_sample_grads(model, _weighted_ce, inputs, (labels, weights), method=method, chunk_size=4)
+    for name in paired:
+        torch.testing.assert_close(ours[name], paired[name], rtol=1e-10, atol=1e-12)
+    _assert_stats_match(fl.grad_stats(model, _weighted_ce, inputs, (labels, weights), method=method), paired)
+
+    groups = torch.tensor([0, 1, 1, 2, 0, 2, 2, 1, 0])
+    by_group = fl.grad_stats(model, fl.cross_entropy, inputs, labels, groups=groups, chunk_size=4)
+    _assert_stats_match(
+        by_group, {k: torch.stack([v[groups == g].mean(0) for g in range(3)]) for k, v in expected.items()}
+    )
+
+
+def test_gradient_conflicts_through_a_model_of_several_inputs() -> None:
+    model, ids, mask, labels, _ = _masked(norm=True)
+    terms: dict[str, Callable[..., Tensor]] = {"ce": fl.cross_entropy, "margin": fl.multi_margin_loss}
+    mix = fl.loss_sum(terms)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    c = fl.gradient_conflicts(fl.model_terms(model, mix), params, {"ids": ids, "mask": mask}, labels)
+    margin = torch.autograd.grad(fl.multi_margin_loss(model(ids, mask), labels), list(model.parameters()))
+    for k, (name, _) in enumerate(model.named_parameters()):
+        torch.testing.assert_close(c.grads["margin"][name], margin[k])
+
+
+def test_several_inputs_are_checked() -> None:
+    model, ids, mask, labels, _ = _masked(norm=False)
+    with pytest.raises(ValueError, match=r"same batch size on dim 0, got shapes \(9, 5\), \(8, 5\), \(9,\)"):
+        fl.per_sample_grads(model, fl.cross_entropy, (ids, mask[:8]), labels)
+    with pytest.raises(TypeError, match="expected inputs made of Tensors, got int"):
+        fl.grad_stats(model, fl.cross_entropy, (ids, 3), labels)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"expected targets as a Tensor, a tuple.*got ndarray"):
+        fl.per_sample_grads(model, fl.cross_entropy, (ids, mask), labels.numpy())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected targets made of Tensors, got int"):
+        fl.per_sample_grads(model, fl.cross_entropy, (ids, mask), labels.tolist())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expected inputs made of Tensors, got none"):
+        fl.per_sample_grads(model, fl.cross_entropy, (), labels)
+    # A list is taken as a tuple.
+    ours = fl.per_sample_grads(model, fl.cross_entropy, [ids, mask], labels)  # type: ignore[arg-type]
+    expected = _loop_several(model, fl.cross_entropy, (ids, mask), lambda i: labels[i : i + 1])
+    torch.testing.assert_close(ours["fc.weight"], expected["fc.weight"])
+
+
 def test_model_is_left_untouched() -> None:
     model, x, y = _setup("mlp")
     before = {k: v.clone() for k, v in model.state_dict().items()}

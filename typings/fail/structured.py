@@ -30,5 +30,7 @@ fnn.TripletMarginWithDistanceLoss(distance_function=similarity)  # type: ignore[
 bad: str = fnn.MSELoss()(logits, logits)  # type: ignore[assignment]
 fl.per_sample_grads(nn.Linear(5, 3), fl.cross_entropy, logits, labels, chunk_size="8")  # type: ignore[arg-type]
 absent = fl.grad_stats(nn.Linear(5, 3), fl.cross_entropy, logits, labels).sign  # type: ignore[attr-defined]
+fl.per_sample_grads(nn.Linear(5, 3), fl.cross_entropy, [logits], labels)  # type: ignore[arg-type]
+fl.grad_stats(nn.Linear(5, 3), fl.cross_entropy, {1: logits}, labels)  # type: ignore[dict-item]
 fl.sign_agreement([logits])  # type: ignore[arg-type]
 fl.sign_report({"w": logits})  # type: ignore[arg-type]
