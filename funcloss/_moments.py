@@ -343,9 +343,16 @@ def _rowwise(
     return None
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d)
+# Normalisation layers whose affine parameters get per-sample gradients from their input and
+# output gradient: LayerNorm and GroupNorm normalise each sample by itself, BatchNorm in eval
+# mode by its running statistics (an affine map per sample).
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
 def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
-    """Modules owning trainable parameters, if all are Linear, plain Embedding or plain Conv2d;
-    else None."""
+    """Modules owning trainable parameters, if all are Linear, plain Embedding, plain Conv1d or
+    Conv2d, LayerNorm, GroupNorm or BatchNorm in eval mode with running statistics; else None."""
     layers: dict[str, nn.Module] = {}
     owned: set[int] = set()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -355,10 +362,13 @@ def _supported_layers(model: nn.Module) -> dict[str, nn.Module] | None:
         if isinstance(module, nn.Embedding):
             if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
                 return None
-        elif isinstance(module, nn.Conv2d):
+        elif isinstance(module, _CONVS):
             if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
                 return None
-        elif not isinstance(module, nn.Linear):
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.training or module.running_mean is None or module.running_var is None:
+                return None
+        elif not isinstance(module, (nn.Linear, nn.LayerNorm, nn.GroupNorm)):
             return None
         if name in layers or any(id(p) in owned for p in own):
             return None  # a module or parameter reached twice: shared
@@ -521,7 +531,7 @@ def layer_grads(
     # A convolution's per-sample weight gradients come out of their own kernel: with the whole
     # batch in one chunk they are the result as they come (no copy into a buffer).
     direct: dict[str, Tensor] | None = {} if chunk_size >= n else None
-    skip = {_key(k, "weight") for k, m in layers.items() if isinstance(m, nn.Conv2d)} if direct is not None else set()
+    skip = {_key(k, "weight") for k, m in layers.items() if isinstance(m, _CONVS)} if direct is not None else set()
     result = {
         name: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for name, p in trainable if name not in skip
     }
@@ -551,7 +561,7 @@ def _write_per_sample(
     weight gradients (the whole batch) go there as computed instead."""
     b = g.size(0)
     weight = cast(Tensor, module.weight)
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, _CONVS):
         if weight.requires_grad:
             grads = _conv_weight_grads(module, a, g)
             if direct is not None:
@@ -559,7 +569,13 @@ def _write_per_sample(
             else:
                 views[_key(name, "weight")].view(b, weight.size(0), -1).copy_(grads)
         if module.bias is not None and module.bias.requires_grad:
-            torch.sum(g, dim=(2, 3), out=views[_key(name, "bias")])
+            torch.sum(g, dim=tuple(range(2, g.dim())), out=views[_key(name, "bias")])
+        return
+    if isinstance(module, _NORMS):
+        weight_grads, bias_grads = _norm_grads(module, a, g)
+        for leaf, grads in (("weight", weight_grads), ("bias", bias_grads)):
+            if _key(name, leaf) in views:
+                views[_key(name, leaf)].copy_(grads.reshape(b, -1))
         return
     if isinstance(module, nn.Embedding):
         vocab, dim = weight.shape
@@ -584,8 +600,39 @@ def _write_per_sample(
         out.copy_(g if g.dim() == 2 else g.reshape(b, -1, g.size(-1)).sum(1))
 
 
-def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
-    """Per-sample Conv2d weight gradients ``(b, out, in * kh * kw)``.
+def _norm_grads(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample gradients of a normalisation layer's affine weight and bias.
+
+    The layer computes ``y = x_hat * w + b`` with ``x_hat`` its input normalised (per sample
+    over the normalised shape for LayerNorm, per sample and group for GroupNorm, by the running
+    statistics for BatchNorm in eval mode), so sample ``i``'s gradients are
+    ``sum_positions g_i * x_hat_i`` and ``sum_positions g_i``: ``(b, *normalized_shape)`` for
+    LayerNorm, ``(b, C)`` for the others. ``x_hat`` is recomputed from the recorded input.
+    """
+    a = a.to(g.dtype)
+    if isinstance(module, nn.LayerNorm):
+        if a.dim() <= len(module.normalized_shape):
+            raise _Unsupported  # no sample dim outside the normalised shape
+        x_hat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+        dims = tuple(range(1, a.dim() - len(module.normalized_shape)))
+    else:
+        if a.dim() < 2:
+            raise _Unsupported
+        if isinstance(module, nn.GroupNorm):
+            x_hat = F.group_norm(a, module.num_groups, None, None, module.eps)
+        else:
+            bn = cast(nn.modules.batchnorm._BatchNorm, module)
+            assert bn.running_mean is not None and bn.running_var is not None  # checked in _supported_layers
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            mean, var = bn.running_mean.to(g.dtype).view(shape), bn.running_var.to(g.dtype).view(shape)
+            x_hat = (a - mean) * torch.rsqrt(var + bn.eps)
+        dims = tuple(range(2, a.dim()))
+    weighted = g * x_hat
+    return (weighted.sum(dims), g.sum(dims)) if dims else (weighted, g)
+
+
+def _conv_weight_grads(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
+    """Per-sample Conv2d (or Conv1d) weight gradients ``(b, out, in * kh * kw)``.
 
     Sample ``i``'s gradient for weight ``[o, c, u, v]`` is
     ``sum_{h, w} g[i, o, h, w] a_pad[i, c, h s_h + u d_h, w s_w + v d_w]``: the output gradient
@@ -601,8 +648,17 @@ def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
         Computations in Convolutional Neural Networks", arXiv:1912.06015, 2019.
     """
     b, out = g.size(0), g.size(1)
-    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-    ph, pw = cast(tuple[int, int], module.padding)
+    if isinstance(module, nn.Conv1d):  # as a Conv2d of height 1
+        if a.dim() != 3:
+            raise _Unsupported  # an unbatched input: no sample dim
+        a, g = a.unsqueeze(2), g.unsqueeze(2)
+        (kh, kw), (sh, sw), (dh, dw) = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        ph, pw = 0, cast(tuple[int], module.padding)[0]
+    else:
+        if a.dim() != 4:
+            raise _Unsupported
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        ph, pw = cast(tuple[int, int], module.padding)
     if module.in_channels > 1 or (sh, sw) == (1, 1):
         # Under autocast the forward ran in g's (lower) precision: the input goes there too.
         grads: Tensor = conv2d_weight(  # type: ignore[no-untyped-call]
@@ -626,11 +682,18 @@ def _conv_weight_grads(module: nn.Conv2d, a: Tensor, g: Tensor) -> Tensor:
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:
     b = g.size(0)
     weight = cast(Tensor, module.weight)
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, _CONVS):
         if weight.requires_grad:
             acc.add_dense(_key(name, "weight"), _conv_weight_grads(module, a, g), norms)
         if module.bias is not None and module.bias.requires_grad:
-            acc.add_dense(_key(name, "bias"), g.sum((2, 3)), norms)
+            acc.add_dense(_key(name, "bias"), g.sum(tuple(range(2, g.dim()))), norms)
+        return
+    if isinstance(module, _NORMS):
+        weight_grads, bias_grads = _norm_grads(module, a, g)
+        for leaf, grads in (("weight", weight_grads), ("bias", bias_grads)):
+            param = module._parameters.get(leaf)
+            if param is not None and param.requires_grad:
+                acc.add_dense(_key(name, leaf), grads, norms)
         return
     if isinstance(module, nn.Embedding):
         dim = weight.size(1)

@@ -88,11 +88,20 @@ def per_sample_grad(
 
 def _check_model(model: nn.Module, fn: str) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        where = f"{type(module).__name__} '{name or type(model).__name__}'"
+        if module.training:
             raise ValueError(
-                f"{fn}(...): expected a model whose forward treats samples independently, got {type(module).__name__} "
-                f"'{name or type(model).__name__}' in training mode, which mixes the batch. Call model.eval() "
-                "(BatchNorm then uses its running statistics) or replace it with GroupNorm/LayerNorm."
+                f"{fn}(...): expected a model whose forward treats samples independently, got {where} "
+                "in training mode, which mixes the batch. Call model.eval() (BatchNorm then uses its running "
+                "statistics) or replace it with GroupNorm/LayerNorm."
+            )
+        if module.running_mean is None:
+            raise ValueError(
+                f"{fn}(...): expected a model whose forward treats samples independently, got {where} "
+                "with track_running_stats=False, which normalises by the batch's statistics even in eval mode. "
+                "Replace it with GroupNorm/LayerNorm, or track running statistics."
             )
 
 
@@ -247,10 +256,11 @@ def per_sample_grads(
         randomness: dropout and other random ops: ``"different"`` (default, like a real batch:
             each sample draws its own mask), ``"same"`` or ``"error"``.
         method: ``"auto"``: when every trainable parameter is in an ``nn.Linear``,
-            ``nn.Embedding`` or ungrouped ``nn.Conv2d``, from one batched forward and backward
+            ``nn.Embedding``, ungrouped ``nn.Conv1d``/``nn.Conv2d``, ``nn.LayerNorm``,
+            ``nn.GroupNorm`` or eval-mode BatchNorm, from one batched forward and backward
             (``g_i a_i^T`` per Linear, token rows per Embedding, output gradient contracted
-            with the input's patches per Conv2d); otherwise, and with ``"vmap"``,
-            ``vmap(grad(...))``.
+            with the input's patches per convolution, ``g_i * x_hat_i`` summed over positions
+            per normalisation); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
             Both assume, as the definition above does, that the model treats samples
             independently.
         **loss_kwargs: passed to ``loss_fn``.
@@ -343,9 +353,9 @@ def grad_stats(
 ) -> GradStats:
     """Statistics of the per-sample gradients, computed chunk by chunk.
 
-    Never holds ``B x P`` per-sample gradients. When every trainable parameter belongs to an
-    ``nn.Linear``, ``nn.Embedding`` or ungrouped ``nn.Conv2d`` (``method="auto"``), the
-    statistics come from per-layer moments of one batched forward and backward per chunk
+    Never holds ``B x P`` per-sample gradients. When every trainable parameter belongs to a
+    layer `per_sample_grads` handles per layer (``method="auto"``: Linear, Embedding, ungrouped
+    Conv1d/Conv2d, LayerNorm, GroupNorm, eval-mode BatchNorm), the statistics come from per-layer moments of one batched forward and backward per chunk
     (Linear layers on 2-D inputs form no per-sample gradient at all; see
     ``funcloss._moments``). Otherwise each chunk's ``chunk_size x P`` per-sample gradients
     (``vmap(grad)``) are folded into running sums (Chan et al.'s pairwise update for the

@@ -531,6 +531,96 @@ def test_layer_moments_agree_with_per_sample_gradients(kind: str) -> None:
         fl.per_sample_grads(model, fl.cross_entropy, x, y, method="fast")  # type: ignore[arg-type]
 
 
+class Sequence1d(nn.Module):
+    """Conv1d, GroupNorm, BatchNorm1d (eval), a bias-free LayerNorm and Linear on (b, C, L)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.bn(torch.tanh(self.gn(self.conv(x))))
+        out: Tensor = self.fc(self.ln(h.transpose(1, 2)).mean(1))
+        return out
+
+
+def _normed(kind: str) -> tuple[nn.Module, Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    model: nn.Module
+    if kind == "sequence":
+        model, x = Sequence1d(), torch.randn(9, 2, 11, generator=g, dtype=D)
+        model.gn.bias.requires_grad_(False)  # a frozen leaf beside a trainable one
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.GroupNorm(2, 4),
+            nn.LayerNorm([4, 6, 6]),  # normalised over several dims
+            nn.Flatten(),
+            nn.Linear(144, 3),
+        )
+        x = torch.randn(7, 1, 6, 6, generator=g, dtype=D)
+    model = model.double().eval()
+    for m in model.modules():  # running statistics away from (0, 1), affine maps away from (1, 0)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert m.running_mean is not None and m.running_var is not None
+            m.running_mean.normal_(generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+        if isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+            with torch.no_grad():
+                m.weight.normal_(generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(generator=g)
+    return model, x
+
+
+@pytest.mark.parametrize("chunk", [4, None])
+@pytest.mark.parametrize("kind", ["sequence", "image"])
+def test_normalisation_and_conv1d_layers_take_the_per_layer_path(kind: str, chunk: int | None) -> None:
+    """LayerNorm (over one or several dims, with or without bias), GroupNorm, BatchNorm in eval
+    mode and Conv1d get their per-sample gradients from the batched forward and backward (the
+    per-layer path answers, not the vmap fallback), against a loop of single-sample backwards."""
+    from funcloss._moments import layer_grads, layer_moments
+
+    model, x = _normed(kind)
+    y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(6))
+    expected = _loop(model, fl.cross_entropy, x, y)
+    size = chunk or len(x)
+    grads = layer_grads(model, fl.cross_entropy, x, y, chunk_size=size, loss_kwargs={})
+    assert grads is not None, "the per-layer path fell back"
+    stats = layer_moments(
+        model, fl.cross_entropy, x, y, chunk_size=size, loss_kwargs={}, params=dict(model.named_parameters())
+    )
+    assert stats is not None, "the per-layer path fell back"
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    stats = layer_moments(model, fl.cross_entropy, x, y, chunk_size=size, loss_kwargs={}, params=params)
+    assert stats is not None
+    assert list(grads) == list(expected)
+    for name, v in expected.items():
+        torch.testing.assert_close(grads[name], v)
+    _assert_stats_match(stats, expected)
+    public = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=chunk)
+    for name, v in expected.items():
+        torch.testing.assert_close(public[name], v)
+    _assert_stats_match(fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=chunk), expected)
+
+
+def test_batchnorm_without_running_statistics_is_refused() -> None:
+    """Without running statistics BatchNorm normalises by the batch in eval mode too."""
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 3)).eval()
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y)
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        fl.grad_stats(model, fl.cross_entropy, x, y)
+
+
 @pytest.mark.parametrize("chunk", [3, None])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv_layers_with_stride_padding_dilation(groups: int, chunk: int | None) -> None:
