@@ -355,11 +355,11 @@ def grad_stats(
 
     Never holds ``B x P`` per-sample gradients. When every trainable parameter belongs to a
     layer `per_sample_grads` handles per layer (``method="auto"``: Linear, Embedding, ungrouped
-    Conv1d/Conv2d, LayerNorm, GroupNorm, eval-mode BatchNorm), the statistics come from per-layer moments of one batched forward and backward per chunk
-    (Linear layers on 2-D inputs form no per-sample gradient at all; see
-    ``funcloss._moments``). Otherwise each chunk's ``chunk_size x P`` per-sample gradients
-    (``vmap(grad)``) are folded into running sums (Chan et al.'s pairwise update for the
-    variance) and dropped.
+    Conv1d/Conv2d, LayerNorm, GroupNorm, eval-mode BatchNorm), the statistics come from
+    per-layer moments of one batched forward and backward per chunk (Linear layers on 2-D
+    inputs form no per-sample gradient at all; see ``funcloss._moments``). Otherwise each
+    chunk's ``chunk_size x P`` per-sample gradients (``vmap(grad)``) are folded into running
+    sums (Chan et al.'s pairwise update for the variance) and dropped.
 
     Args:
         model, loss_fn, inputs, targets, randomness, **loss_kwargs: as in `per_sample_grads`.
