@@ -666,15 +666,43 @@ def test_works_inside_no_grad(method: str) -> None:
         torch.testing.assert_close(stats.mean[name], v.mean(0))
 
 
+def _recipe_fails_under_autocast(model: nn.Module, x: Tensor, y: Tensor) -> bool:
+    """Whether the plain torch.func recipe raises under bfloat16 autocast."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return fl.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
+    except RuntimeError:
+        return True
+    return False
+
+
 @pytest.mark.parametrize("method", ["auto", "vmap"])
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "bag"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "bag", "sequence", "image"])
 def test_under_autocast_match_a_loop_under_autocast(kind: str, method: Literal["auto", "vmap"]) -> None:
-    """Under bfloat16 autocast (the model's matmuls in bfloat16, the loss in float32), the
-    per-sample gradients equal a loop of single-sample backward passes under the same autocast
-    to bfloat16's precision, in the parameters' dtype; the statistics stay float32."""
-    model, x, y = _setup(kind)
+    """Under bfloat16 autocast (the model's matmuls in bfloat16, the loss and normalisations
+    in float32), the per-sample gradients equal a loop of single-sample backward passes under
+    the same autocast to bfloat16's precision, in the parameters' dtype; the statistics stay
+    float32."""
+    if kind in ("sequence", "image"):
+        model, x = _normed(kind)
+        y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(6))
+    else:
+        model, x, y = _setup(kind)
     model = model.float()
     x = x.float() if x.is_floating_point() else x
+    if method == "vmap" and _recipe_fails_under_autocast(model, x, y):
+        # torch 2.13's vmap of an eval-mode BatchNorm under autocast refuses the bfloat16 input
+        # beside float32 running statistics (eager takes it): where the plain recipe fails so
+        # does the vmap path, with torch's error; the per-layer path ("auto") computes it.
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError):
+            fl.per_sample_grads(model, fl.cross_entropy, x, y, method=method)
+        assert kind == "image", "only the eval-mode BatchNorm model is known to fail"
+        return
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _loop(model, fl.cross_entropy, x, y)
         grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, method=method)
