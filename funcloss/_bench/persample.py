@@ -64,6 +64,23 @@ def _setup_cpu(name: str) -> tuple[nn.Module, Tensor, Tensor]:
             nn.Linear(32, 10),
         )
         return model, torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    if name == "norm":  # the same CNN with GroupNorm after each convolution and a LayerNorm
+        model = nn.Sequential(
+            nn.Conv2d(1, 16, 8, 2, padding=3),
+            nn.GroupNorm(4, 16),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, 2),
+            nn.GroupNorm(8, 32),
+            nn.ReLU(),
+            nn.MaxPool2d(2, 1),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, 32),
+            nn.LayerNorm(32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        )
+        return model, torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     return _Bag(), torch.randint(0, 1000, (128, 16)), torch.randint(0, 10, (128,))
 
 
@@ -71,6 +88,7 @@ MODELS = {
     "mlp": "MLP 64-128-128-10, B=128",
     "cnn": "CNN 28x28 (Opacus tutorial), B=64",
     "bag": "Embedding+Linear, B=128",
+    "norm": "CNN 28x28 with GroupNorm and LayerNorm, B=64",
 }
 
 
