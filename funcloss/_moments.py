@@ -519,6 +519,7 @@ def layer_grads(
     *,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
+    progress: bool = False,
 ) -> dict[str, Tensor] | None:
     """Per-sample gradients ``{name: (B, *shape)}`` from layer inputs and output gradients
     (``g_i a_i^T`` per Linear, token rows per Embedding), written in place chunk by chunk; or
@@ -541,8 +542,12 @@ def layer_grads(
             views = {k: v[rows].view(b, -1) for k, v in result.items()}
             for name, module, layer_in, grad_out in captured:
                 _write_per_sample(views, name, module, layer_in, grad_out, direct)
+            if progress:
+                print(f"\rper_sample_grads: {rows.stop}/{n} samples", end="", file=sys.stderr)
     except _Unsupported:
         return None
+    if progress:
+        print(file=sys.stderr)
     if direct:
         return {name: result[name] if name in result else direct[name] for name, _ in trainable}
     return result

@@ -235,6 +235,7 @@ def per_sample_grads(
     chunk_size: int | None = None,
     randomness: Randomness = "different",
     method: Literal["auto", "vmap"] = "auto",
+    progress: bool = False,
     **loss_kwargs: Any,
 ) -> Grads:
     """The gradient of every sample's loss with respect to every trainable parameter.
@@ -252,9 +253,11 @@ def per_sample_grads(
             go as a tuple (``model(*inputs)``) or a mapping (``model(**inputs)``) of tensors,
             each sliced per sample alike; targets likewise (the loss then gets the tuple or
             mapping).
-        chunk_size: samples per vmap chunk, to bound memory (None: all at once).
+        chunk_size: samples per chunk, to bound memory (None: all at once). Each chunk's
+            gradients are written into the result as they come.
         randomness: dropout and other random ops: ``"different"`` (default, like a real batch:
             each sample draws its own mask), ``"same"`` or ``"error"``.
+        progress: print a progress line to stderr, one update per chunk.
         method: ``"auto"``: when every trainable parameter is in an ``nn.Linear``,
             ``nn.Embedding``, ungrouped ``nn.Conv1d``/``nn.Conv2d``, ``nn.LayerNorm``,
             ``nn.GroupNorm`` or eval-mode BatchNorm, from one batched forward and backward
@@ -265,24 +268,43 @@ def per_sample_grads(
             independently.
         **loss_kwargs: passed to ``loss_fn``.
 
-    Memory: ``B x P`` floats for the result, plus the working set of a chunk.
+    Memory: ``B x P`` floats for the result, plus the working set of a chunk (``vmap``'s own
+    ``chunk_size`` would hold every chunk's gradients and then their concatenation: twice the
+    result).
     """
     inputs, targets = _check_batch("per_sample_grads", inputs, targets)
     _check_model(model, "per_sample_grads")
     if method not in ("auto", "vmap"):
         raise ValueError(f"per_sample_grads(...): expected method 'auto' or 'vmap', got {method!r}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"per_sample_grads(...): expected chunk_size >= 1 or None, got {chunk_size}.")
     params = _trainable(model, "per_sample_grads")
+    n = batch_size(inputs)
+    size = chunk_size or n or 1
     if method == "auto" and randomness == "different":
         from ._moments import layer_grads
 
-        size = chunk_size or batch_size(inputs) or 1
-        fast = layer_grads(model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs)
+        fast = layer_grads(model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs, progress=progress)
         if fast is not None:
             return fast
     loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+    per_chunk = per_sample_grad(loss, randomness=randomness)
+    result: Grads = {}
     with _vmap_advice(model, "per_sample_grads"):
-        grads: Grads = per_sample_grad(loss, chunk_size=chunk_size, randomness=randomness)(params, inputs, targets)
-    return grads
+        if size >= n:
+            result = per_chunk(params, inputs, targets)
+        else:
+            for rows in _chunks(n, size):
+                part: Grads = per_chunk(params, rows_of(inputs, rows), rows_of(targets, rows))
+                for k, v in part.items():
+                    if k not in result:  # the result is allocated once, from the first chunk's
+                        result[k] = v.new_empty((n, *v.shape[1:]))
+                    result[k][rows] = v
+                if progress:
+                    print(f"\rper_sample_grads: {rows.stop}/{n} samples", end="", file=sys.stderr)
+    if progress:
+        print(f"\rper_sample_grads: {n}/{n} samples" if size >= n else "", file=sys.stderr)
+    return result
 
 
 @dataclass(frozen=True)

@@ -422,6 +422,45 @@ def test_grad_stats_memory_does_not_grow_with_the_batch() -> None:
     assert large <= small * 1.10, (small, large)
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_per_sample_grads_in_chunks_report_progress(
+    method: Literal["auto", "vmap"], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Chunks give the same gradients as one call, a progress update per chunk, and a chunk
+    size below 1 is refused."""
+    model, x, y = _setup("mlp")
+    whole = fl.per_sample_grads(model, fl.cross_entropy, x, y, method=method)
+    chunked = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=4, method=method, progress=True)
+    ends = [int(m.split("/")[0]) for m in capsys.readouterr().err.split("per_sample_grads: ")[1:]]
+    assert ends == [4, 8, 11]
+    for name, v in whole.items():
+        torch.testing.assert_close(chunked[name], v)
+    with pytest.raises(ValueError, match="chunk_size >= 1"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=0, method=method)
+
+
+def test_per_sample_grads_in_chunks_hold_the_result_once() -> None:
+    """The vmap path in chunks: peak RSS growth about the result's B x P floats (vmap's own
+    chunking would hold the chunks and then their concatenation, twice that)."""
+    script = textwrap.dedent(
+        """
+        import resource, sys, torch
+        import funcloss as fl
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Tanh(), torch.nn.Linear(256, 4))
+        x, y = torch.randn(512, 256), torch.randint(0, 4, (512,))
+        fl.per_sample_grads(model, fl.cross_entropy, x[:16], y[:16], chunk_size=16, method="vmap")  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=16, method="vmap")
+        size = sum(g.numel() * g.element_size() for g in grads.values()) // 1024
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, size)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grown, result = map(int, out.stdout.split())  # KiB
+    assert grown <= 1.3 * result, (grown, result)
+
+
 def test_sample_disagreement_definition() -> None:
     g = {
         "w": torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]]),
