@@ -499,17 +499,32 @@ def test_demo_finds_the_flipped_labels(tmp_path: object) -> None:
     "device",
     ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
 )
-def test_per_sample_and_stats_on_each_device(device: str) -> None:
-    model, x, y = _setup("cnn")
+@pytest.mark.parametrize("kind", ["cnn", "bag", "sequence", "image", "several inputs"])
+def test_per_sample_and_stats_on_each_device(device: str, kind: str) -> None:
+    """Every per-layer rule (convolutions, embeddings, normalisations, several inputs) on each
+    device, against a loop there."""
+    inputs: Tensor | tuple[Tensor, Tensor]
+    if kind in ("sequence", "image"):
+        model, x = _normed(kind)
+        y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(6))
+    elif kind == "several inputs":
+        model, ids, mask, y, _ = _masked(norm=False)
+        x = ids
+    else:
+        model, x, y = _setup(kind)
     model, x, y = model.to(device), x.to(device), y.to(device)
-    grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=3)
-    expected = _loop(model, fl.cross_entropy, x, y)
+    if kind == "several inputs":
+        inputs = (x, mask.to(device))
+        expected = _loop_several(model, fl.cross_entropy, inputs, lambda i: y[i : i + 1])
+    else:
+        inputs = x
+        expected = _loop(model, fl.cross_entropy, x, y)
+    grads = fl.per_sample_grads(model, fl.cross_entropy, inputs, y, chunk_size=3)
     for name in expected:
         assert grads[name].device.type == device
         torch.testing.assert_close(grads[name], expected[name])
-    stats = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4)
-    for name in expected:
-        torch.testing.assert_close(stats.mean[name], expected[name].mean(0))
+    stats = fl.grad_stats(model, fl.cross_entropy, inputs, y, chunk_size=4)
+    _assert_stats_match(stats, expected)
 
 
 class SeqModel(nn.Module):
