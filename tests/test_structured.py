@@ -397,6 +397,49 @@ def test_ctc_eager_double_backward_is_refused_not_wrong() -> None:
         torch.autograd.grad(g.sum(), lp)
 
 
+def _ctc_graph(steps: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """The graph torch.compile traces for ctc_loss over ``steps`` steps (its call targets), and
+    the compiled loss's value and gradient."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        graphs.append(gm)
+        return gm.forward
+
+    g = _g(steps)
+    lp = torch.randn(steps, 3, 6, generator=g).log_softmax(-1).requires_grad_(True)
+    t = torch.randint(1, 6, (3, 4), generator=g)
+    il, tl = torch.tensor([steps, steps - 1, steps - 2]), torch.tensor([4, 3, 2])
+    torch._dynamo.reset()
+    out = torch.compile(fl.ctc_loss, backend=record, fullgraph=True)(lp, t, il, tl)
+    (grad,) = torch.autograd.grad(out, lp)
+    ours, (expected,) = fl.ctc_loss(lp, t, il, tl), torch.autograd.grad(fl.ctc_loss(lp, t, il, tl), lp)
+    torch.testing.assert_close(out, ours)
+    torch.testing.assert_close(grad, expected)
+    (gm,) = graphs
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"], out, grad
+
+
+def test_compiled_ctc_is_one_operator_whatever_the_length() -> None:
+    """Compiled, the recursion is one opaque operator: the traced graph does not grow with the
+    number of steps (an unrolled time loop took minutes to compile at a few hundred steps),
+    and value and gradient are the eager ones. torch.export keeps ATen operators only."""
+    short, _, _ = _ctc_graph(8)
+    long, _, _ = _ctc_graph(64)
+    assert any("funcloss.ctc_alphas" in target for target in short)
+    assert len(long) == len(short)
+
+    class Loss(torch.nn.Module):
+        def forward(self, lp: torch.Tensor, t: torch.Tensor, il: torch.Tensor, tl: torch.Tensor) -> torch.Tensor:
+            return fl.ctc_loss(lp, t, il, tl)
+
+    lp = torch.randn(8, 2, 5, generator=_g()).log_softmax(-1)
+    t, il, tl = torch.tensor([[1, 2], [3, 3]]), torch.tensor([8, 7]), torch.tensor([2, 2])
+    program = torch.export.export(Loss(), (lp, t, il, tl))
+    assert not any("funcloss" in str(n.target) for n in program.graph.nodes)
+    torch.testing.assert_close(program.module()(lp, t, il, tl), F.ctc_loss(lp, t, il, tl))
+
+
 # ---------------------------------------------------------------- linear CE and adaptive softmax
 
 

@@ -212,6 +212,16 @@ def _alpha_step(alpha: Tensor, skip: Tensor, emit_t: Tensor, neg: float) -> Tens
     return _logsumexp(alpha, shifted[:, 1:-1], shifted[:, :-2] + skip) + emit_t
 
 
+def _compiled_plainly() -> bool:
+    """Whether torch.compile is tracing the loss outside any torch.func transform and not for
+    torch.export (whose graph stays made of ATen operators, portable without funcloss)."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch._C._are_functorch_transforms_active()  # read correctly while dynamo traces
+    )
+
+
 def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: Tensor, blank: int) -> Tensor:
     """``log p(labels | log_probs)`` per sequence, by the alpha recursion."""
     ext, skip = _extended(labels, blank, log_probs.dtype)
@@ -220,6 +230,9 @@ def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: 
         used = max(1, int(in_len.max())) if in_len.numel() else 1
         ll: Tensor = _CTCFunction.apply(log_probs[:used], ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
         return ll
+    if _compiled_plainly():
+        compiled: Tensor = torch.ops.funcloss.ctc_alphas(log_probs, ext, skip, in_len, tgt_len)[0]
+        return compiled
     if only_vmap():
         # Under vmap alone, the batched eager recursion runs once for all examples (see
         # _CTCFunction.vmap) instead of the recorded loop paying vmap's cost at every step.
@@ -322,44 +335,122 @@ class _CTCFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_ll: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
-        log_probs, ext, skip, in_len, tgt_len, ll, padded = ctx.saved_tensors
-        steps, batch, _ = log_probs.shape
-        size = ext.size(1)
-        dtype, device = log_probs.dtype, log_probs.device
-        neg = _neg(dtype)
-        emit = _emissions(log_probs, ext)
-        # beta_t(s): log-probability of finishing from state s at step t (emission at t
-        # excluded). It starts at each sequence's last step; later steps hold ~neg, which
-        # absorbs whatever is added to it. State-major like the alphas.
-        last = 2 * tgt_len
-        s_idx = torch.arange(size, device=device).unsqueeze(1)  # (L, 1)
-        ends = (s_idx == last) | ((s_idx == last - 1) & (tgt_len > 0))  # (L, N)
-        zero = torch.zeros((), dtype=dtype, device=device)
-        neg_t = torch.full((), neg, dtype=dtype, device=device)
-        end_beta = torch.where(ends, zero, neg_t)
-        last_step = in_len - 1
-        starting = set(last_step.tolist())
-        skip_next = F.pad(skip, (0, 2), value=neg)[:, 2:].t().contiguous()  # may s jump to s + 2?
-        betas = torch.empty_like(emit)
-        torch.where(last_step == steps - 1, end_beta, neg_t, out=betas[-1])
-        ahead = torch.full((size + 2, batch), neg, dtype=dtype, device=device)
-        here, next1, next2 = ahead[:size], ahead[1 : size + 1], ahead[2:]
-        step, jump = torch.empty_like(end_beta), torch.empty_like(end_beta)
-        logaddexp, add = torch.logaddexp, torch.add
-        for t in range(steps - 2, -1, -1):
-            add(betas[t + 1], emit[t + 1], out=here)
-            logaddexp(here, next1, out=step)
-            add(next2, skip_next, out=jump)
-            logaddexp(step, jump, out=betas[t])
-            if t in starting:
-                torch.where(last_step == t, end_beta, betas[t], out=betas[t])
-        occupancy = betas.add_(padded[:, 2:]).sub_(ll)
-        feasible = ll >= neg / 2
-        # exp(x) as 2^(x log2 e): the same to rounding, and several times faster on CPU where
-        # most states are unreachable (exp's vectorised path falls back for x far below -87).
-        posterior = torch.where(feasible, occupancy.mul_(_LOG2E).exp2_(), zero)
-        # Each state's posterior added into its class's column of the (T, N * C) view.
-        weights = (grad_ll * posterior).reshape(steps, size * batch)
-        flat = torch.zeros((steps, batch * log_probs.size(2)), dtype=dtype, device=device)
-        grad = flat.index_add_(1, _flat_classes(ext, log_probs.size(2)), weights).view(log_probs.shape)
-        return grad, None, None, None, None
+        return _ctc_grad(grad_ll, *ctx.saved_tensors), None, None, None, None
+
+
+def _ctc_grad(
+    grad_ll: Tensor,
+    log_probs: Tensor,
+    ext: Tensor,
+    skip: Tensor,
+    in_len: Tensor,
+    tgt_len: Tensor,
+    ll: Tensor,
+    padded: Tensor,
+) -> Tensor:
+    """The gradient of the log-likelihoods ``ll`` (weighted by ``grad_ll``) with respect to
+    ``log_probs``, from the saved alphas ``padded`` and the beta recursion: the posterior
+    occupancy of each (time, label), added into its class."""
+    steps, batch, _ = log_probs.shape
+    size = ext.size(1)
+    dtype, device = log_probs.dtype, log_probs.device
+    neg = _neg(dtype)
+    emit = _emissions(log_probs, ext)
+    # beta_t(s): log-probability of finishing from state s at step t (emission at t
+    # excluded). It starts at each sequence's last step; later steps hold ~neg, which
+    # absorbs whatever is added to it. State-major like the alphas.
+    last = 2 * tgt_len
+    s_idx = torch.arange(size, device=device).unsqueeze(1)  # (L, 1)
+    ends = (s_idx == last) | ((s_idx == last - 1) & (tgt_len > 0))  # (L, N)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    neg_t = torch.full((), neg, dtype=dtype, device=device)
+    end_beta = torch.where(ends, zero, neg_t)
+    last_step = in_len - 1
+    starting = set(last_step.tolist())
+    skip_next = F.pad(skip, (0, 2), value=neg)[:, 2:].t().contiguous()  # may s jump to s + 2?
+    betas = torch.empty_like(emit)
+    torch.where(last_step == steps - 1, end_beta, neg_t, out=betas[-1])
+    ahead = torch.full((size + 2, batch), neg, dtype=dtype, device=device)
+    here, next1, next2 = ahead[:size], ahead[1 : size + 1], ahead[2:]
+    step, jump = torch.empty_like(end_beta), torch.empty_like(end_beta)
+    logaddexp, add = torch.logaddexp, torch.add
+    for t in range(steps - 2, -1, -1):
+        add(betas[t + 1], emit[t + 1], out=here)
+        logaddexp(here, next1, out=step)
+        add(next2, skip_next, out=jump)
+        logaddexp(step, jump, out=betas[t])
+        if t in starting:
+            torch.where(last_step == t, end_beta, betas[t], out=betas[t])
+    occupancy = betas.add_(padded[:, 2:]).sub_(ll)
+    feasible = ll >= neg / 2
+    # exp(x) as 2^(x log2 e): the same to rounding, and several times faster on CPU where
+    # most states are unreachable (exp's vectorised path falls back for x far below -87).
+    posterior = torch.where(feasible, occupancy.mul_(_LOG2E).exp2_(), zero)
+    # Each state's posterior added into its class's column of the (T, N * C) view.
+    weights = (grad_ll * posterior).reshape(steps, size * batch)
+    flat = torch.zeros((steps, batch * log_probs.size(2)), dtype=dtype, device=device)
+    grad = flat.index_add_(1, _flat_classes(ext, log_probs.size(2)), weights).view(log_probs.shape)
+    return grad
+
+
+# Under torch.compile the recursion runs as one opaque operator: traced, its Python time loop
+# would unroll into a graph of T steps, minutes to compile for a few hundred steps and slower
+# than eager once compiled. The operator runs the eager recursion above at run time, with its
+# beta-recursion backward as a second operator (first derivatives; as torch's own ctc_loss,
+# no double backward when compiled).
+@torch.library.custom_op("funcloss::ctc_alphas", mutates_args=())
+def _ctc_alphas_op(
+    log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(log-likelihoods (N,), padded alphas (T, L + 2, N))``, as `_CTCFunction.forward`."""
+    ll, padded = _CTCFunction.forward(log_probs, ext, skip, in_len, tgt_len)
+    return ll, padded
+
+
+@_ctc_alphas_op.register_fake
+def _ctc_alphas_fake(
+    log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor
+) -> tuple[Tensor, Tensor]:
+    steps, batch, _ = log_probs.shape
+    return log_probs.new_empty(batch), log_probs.new_empty(steps, ext.size(1) + 2, batch)
+
+
+@torch.library.custom_op("funcloss::ctc_alphas_backward", mutates_args=())
+def _ctc_alphas_backward_op(
+    grad_ll: Tensor,
+    log_probs: Tensor,
+    ext: Tensor,
+    skip: Tensor,
+    in_len: Tensor,
+    tgt_len: Tensor,
+    ll: Tensor,
+    padded: Tensor,
+) -> Tensor:
+    """The gradient with respect to ``log_probs``, as `_ctc_grad` (which reads its inputs and
+    writes only fresh tensors)."""
+    return _ctc_grad(grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded)
+
+
+@_ctc_alphas_backward_op.register_fake
+def _ctc_alphas_backward_fake(
+    grad_ll: Tensor,
+    log_probs: Tensor,
+    ext: Tensor,
+    skip: Tensor,
+    in_len: Tensor,
+    tgt_len: Tensor,
+    ll: Tensor,
+    padded: Tensor,
+) -> Tensor:
+    return torch.empty_like(log_probs)
+
+
+def _ctc_alphas_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _ctc_alphas_backward(ctx: Any, grad_ll: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+    return _ctc_alphas_backward_op(grad_ll, *ctx.saved_tensors), None, None, None, None
+
+
+_ctc_alphas_op.register_autograd(_ctc_alphas_backward, setup_context=_ctc_alphas_setup)
