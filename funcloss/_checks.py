@@ -41,6 +41,19 @@ def has_tangent(*tensors: Tensor | None) -> bool:
     return any(t is not None and unpack(t).tangent is not None for t in tensors)
 
 
+def compiled_plainly() -> bool:
+    """True while torch.compile traces the loss outside any torch.func transform and not for
+    torch.export: where a loss may run as one opaque custom operator (whose eager body then
+    runs at call time) instead of a traced Python loop. torch.export's graph stays made of
+    ATen operators (portable without funcloss); custom operators do not compose with
+    torch.func's transforms."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch._C._are_functorch_transforms_active()  # read correctly while dynamo traces
+    )
+
+
 def only_vmap() -> bool:
     """True when every active torch.func transform is a vmap (and nothing is being compiled):
     a batched implementation can then stand in for the per-example one."""

@@ -782,6 +782,43 @@ def test_linear_cross_entropy_keeps_no_full_logits_under_grad(transform: str) ->
     assert chunked <= 0.35 * logits, f"chunked peak {chunked} bytes against {logits} bytes of logits"
 
 
+@pytest.mark.parametrize("options", [{"reduction": "mean"}, {"reduction": "none", "label_smoothing": 0.2}])
+def test_compiled_linear_cross_entropy_holds_no_full_logits(options: dict[str, Any]) -> None:
+    """Under torch.compile the chunked loss is one operator: no value in the traced graph has
+    the (N, C) shape of the logits (the composition's has), and the compiled value and
+    gradients are the eager ones."""
+    n, hidden, classes = 96, 8, 50
+    x = torch.randn(n, hidden, generator=_g(), requires_grad=True)
+    w = torch.randn(classes, hidden, generator=_g(1), requires_grad=True)
+    b = torch.randn(classes, generator=_g(2), requires_grad=True)
+    y = torch.randint(0, classes, (n,), generator=_g(3))
+    y[:3] = -100
+
+    def shapes(chunk: int) -> set[tuple[int, ...]]:
+        graphs: list[torch.fx.GraphModule] = []
+
+        def record(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+            graphs.append(gm)
+            return gm.forward
+
+        def loss(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return fl.linear_cross_entropy(x, w, y, linear_bias=b, chunk_size=chunk, **options)
+
+        torch._dynamo.reset()
+        out = torch.compile(loss, backend=record, fullgraph=True)(x, w, b)
+        expected = loss(x, w, b)
+        torch.testing.assert_close(out, expected)
+        for g, h in zip(torch.autograd.grad(out.sum(), (x, w, b)), torch.autograd.grad(expected.sum(), (x, w, b))):
+            torch.testing.assert_close(g, h)
+        (gm,) = graphs
+        values = [node.meta.get("example_value") for node in gm.graph.nodes]
+        flat = [v for value in values for v in (value if isinstance(value, tuple) else (value,))]
+        return {tuple(v.shape) for v in flat if isinstance(v, torch.Tensor)}
+
+    assert (n, classes) in shapes(n), "the composition should form the logits"
+    assert (n, classes) not in shapes(16)
+
+
 def test_class_weights_summing_to_zero_give_nan_with_a_zero_gradient() -> None:
     """The documented difference: with class weights that are 0 on every kept target the mean
     is 0 / 0 = NaN in both; torch's gradient is NaN on the kept rows, funcloss's is 0 (as both

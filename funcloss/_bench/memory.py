@@ -9,7 +9,8 @@ gradient (1 GiB each); funcloss's chunked path holds one chunk at a time. On the
 runs a forward and backward in its own fresh process and the peak RSS growth during the call is
 reported; on CUDA, the growth of the caching allocator's peak allocation. Then the median time
 ratio over interleaved rounds (in one process). The last rows repeat the comparison under
-``torch.autocast``, and under ``torch.func.grad``.
+``torch.autocast``, under ``torch.func.grad``, and compiled with ``torch.compile`` (each
+compiled side's memory measured on its second call: the first compiles).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ _AMP_OURS = "autocast: funcloss"
 # The same two under torch.func.grad (a functional training step), compared with each other.
 _FUNC_BASE = "func.grad: cross_entropy(linear)"
 _FUNC_OURS = "func.grad: funcloss"
+# The same two compiled with torch.compile, compared with each other (memory of a second call:
+# the first compiles).
+_COMPILE_BASE = "compile: cross_entropy(linear)"
+_COMPILE_OURS = "compile: funcloss"
 
 
 def _methods(device: str) -> dict[str, Callable[[], object]]:
@@ -76,12 +81,18 @@ def _methods(device: str) -> dict[str, Callable[[], object]]:
     xd, wd = x.detach(), w.detach()
     methods[_FUNC_BASE] = lambda: tf.grad(lambda x, w: F.cross_entropy(F.linear(x, w), y), argnums=(0, 1))(xd, wd)
     methods[_FUNC_OURS] = lambda: tf.grad(lambda x, w: fl.linear_cross_entropy(x, w, y), argnums=(0, 1))(xd, wd)
+    compiled_base = torch.compile(lambda x, w: F.cross_entropy(F.linear(x, w), y), fullgraph=True)
+    compiled_ours = torch.compile(lambda x, w: fl.linear_cross_entropy(x, w, y), fullgraph=True)
+    methods[_COMPILE_BASE] = lambda: torch.autograd.grad(compiled_base(x, w), (x, w))
+    methods[_COMPILE_OURS] = lambda: torch.autograd.grad(compiled_ours(x, w), (x, w))
     return methods
 
 
 def _base(label: str) -> str:
     if label.startswith("autocast"):
         return _AMP_BASE
+    if label.startswith("compile"):
+        return _COMPILE_BASE
     return _FUNC_BASE if label.startswith("func.grad") else _BASE
 
 
@@ -89,7 +100,10 @@ _SCRIPT = """
 import sys
 from funcloss._bench.memory import _methods
 from funcloss._bench.rss import peak_extra_bytes
-print(peak_extra_bytes(_methods("cpu")[sys.argv[1]]))
+fn = _methods("cpu")[sys.argv[1]]
+if sys.argv[1].startswith("compile"):
+    fn()  # compiles; the second call is measured
+print(peak_extra_bytes(fn))
 """
 
 
@@ -131,8 +145,8 @@ def run(rounds: int = 5, device: str = "cpu") -> int:
             ratios[label].append(t[label] / t[bases[label]])
     print(file=sys.stderr)
     print(
-        f"  ratios to {_BASE} (the autocast rows: to {_AMP_BASE}; the func.grad rows: to {_FUNC_BASE}); "
-        f"time: median of {rounds} interleaved rounds"
+        f"  ratios to {_BASE} (the autocast rows: to {_AMP_BASE}; the func.grad rows: to {_FUNC_BASE}; "
+        f"the compile rows: to {_COMPILE_BASE}); time: median of {rounds} interleaved rounds"
     )
     print(f"  {'method':<32} {'peak extra MiB':>14} {'memory ratio':>12} {'time ratio':>10}")
     for label in methods:

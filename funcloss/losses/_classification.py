@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch 
 
 from .._checks import (
     check_reduction,
+    compiled_plainly,
     differentiated_once,
     has_tangent,
     is_eager,
@@ -915,6 +916,98 @@ def _rows_per_chunk(
     return size
 
 
+# Under torch.compile (no transform around it) the chunked loss runs as one opaque operator
+# whose body is `_TransformedLinearCE`'s chunk loop, with a second operator for its backward:
+# traced, the composition would hold all (N, C) logits, which is what this loss exists to
+# avoid. First derivatives only, as torch's chunked path.
+@torch.library.custom_op("funcloss::linear_ce_rows", mutates_args=())
+def _linear_ce_rows_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    chunk: int,
+    smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row NLL, smoothing sum and logsumexp, as `_TransformedLinearCE.forward`."""
+    with torch.no_grad():
+        nll, smooth, lse = _TransformedLinearCE.forward(
+            input, linear_weight, linear_bias, target, class_weight, chunk, smoothing, True
+        )
+    return nll, smooth, lse
+
+
+@_linear_ce_rows_op.register_fake
+def _linear_ce_rows_fake(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    chunk: int,
+    smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dtype, n = torch.promote_types(input.dtype, linear_weight.dtype), input.size(0)
+    return input.new_empty(n, dtype=dtype), input.new_empty(n, dtype=dtype), input.new_empty(n, dtype=dtype)
+
+
+@torch.library.custom_op("funcloss::linear_ce_rows_backward", mutates_args=())
+def _linear_ce_rows_backward_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    lse: Tensor,
+    g_nll: Tensor,
+    g_smooth: Tensor,
+    chunk: int,
+    smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for the input, weight and bias (empty without a bias), by `_linear_ce_grads`
+    (each chunk's logits recomputed and turned into their gradient in place)."""
+    with torch.no_grad():
+        g_input, g_weight, g_bias = _linear_ce_grads(
+            input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth, chunk, smoothing, input.dtype
+        )
+    return g_input, g_weight, linear_weight.new_empty(0) if g_bias is None else g_bias
+
+
+@_linear_ce_rows_backward_op.register_fake
+def _linear_ce_rows_backward_fake(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    lse: Tensor,
+    g_nll: Tensor,
+    g_smooth: Tensor,
+    chunk: int,
+    smoothing: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    bias = linear_weight.new_empty(0) if linear_bias is None else torch.empty_like(linear_bias)
+    return torch.empty_like(input), torch.empty_like(linear_weight), bias
+
+
+def _linear_ce_rows_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    input, linear_weight, linear_bias, target, class_weight, chunk, smoothing = inputs
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, output[2])
+    ctx.chunk, ctx.smoothing = chunk, smoothing
+
+
+def _linear_ce_rows_backward(ctx: Any, g_nll: Tensor, g_smooth: Tensor, g_lse: Tensor) -> tuple[Tensor | None, ...]:
+    input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
+    g_input, g_weight, g_bias = _linear_ce_rows_backward_op(
+        input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth, ctx.chunk, ctx.smoothing
+    )
+    return g_input, g_weight, None if linear_bias is None else g_bias, None, None, None, None
+
+
+_linear_ce_rows_op.register_autograd(_linear_ce_rows_backward, setup_context=_linear_ce_rows_setup)
+
+
 def _transformed_linear_ce(
     input: Tensor,
     linear_weight: Tensor,
@@ -1062,15 +1155,17 @@ def linear_cross_entropy(
         and target.dtype in (torch.int64, torch.uint8)
     )
     chunked = chunkable and is_eager()
-    # Under torch.func's reverse mode and vmap: chunked too, once there is more than a chunk.
-    transformed = (
+    # Under torch.func's reverse mode and vmap, and compiled: chunked too, once there is more
+    # than a chunk.
+    beyond_a_chunk = (
         chunkable
         and not chunked
         and amp is None
-        and only_reverse_or_vmap()
         and input.size(0) > _rows_per_chunk(options, chunk_size, input, classes)
     )
-    if not (chunked or transformed) or dtypes is None:
+    transformed = beyond_a_chunk and only_reverse_or_vmap()
+    compiled = beyond_a_chunk and compiled_plainly()
+    if not (chunked or transformed or compiled) or dtypes is None:
         # Under autocast, as torch: the logits in autocast's precision, the cross-entropy in float32.
         logits = _linear_logits(input, linear_weight, linear_bias)
         return cross_entropy(
@@ -1098,6 +1193,12 @@ def linear_cross_entropy(
         return _transformed_linear_ce(
             input, linear_weight, linear_bias, safe, keep, weight, reduction, label_smoothing, chunk
         )
+    if compiled:
+        rows: tuple[Tensor, Tensor, Tensor] = torch.ops.funcloss.linear_ce_rows(
+            input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0
+        )
+        values, row_weight = _row_losses(rows, safe, keep, weight, label_smoothing, classes)
+        return _class_mean(values, row_weight, reduction)
     with contextlib.nullcontext() if amp is None else _autocast_off(amp):
         if reduction != "none":
             total: Tensor = _ChunkedLinearCETotal.apply(  # type: ignore[no-untyped-call]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import float32_under_autocast
-from .._checks import check_reduction, check_values, has_tangent, is_eager, only_vmap
+from .._checks import check_reduction, check_values, compiled_plainly, has_tangent, is_eager, only_vmap
 from .._typing import Reduction
 
 
@@ -212,16 +212,6 @@ def _alpha_step(alpha: Tensor, skip: Tensor, emit_t: Tensor, neg: float) -> Tens
     return _logsumexp(alpha, shifted[:, 1:-1], shifted[:, :-2] + skip) + emit_t
 
 
-def _compiled_plainly() -> bool:
-    """Whether torch.compile is tracing the loss outside any torch.func transform and not for
-    torch.export (whose graph stays made of ATen operators, portable without funcloss)."""
-    return (
-        torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
-        and not torch._C._are_functorch_transforms_active()  # read correctly while dynamo traces
-    )
-
-
 def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: Tensor, blank: int) -> Tensor:
     """``log p(labels | log_probs)`` per sequence, by the alpha recursion."""
     ext, skip = _extended(labels, blank, log_probs.dtype)
@@ -230,7 +220,7 @@ def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: 
         used = max(1, int(in_len.max())) if in_len.numel() else 1
         ll: Tensor = _CTCFunction.apply(log_probs[:used], ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
         return ll
-    if _compiled_plainly():
+    if compiled_plainly():
         compiled: Tensor = torch.ops.funcloss.ctc_alphas(log_probs, ext, skip, in_len, tgt_len)[0]
         return compiled
     if only_vmap():
