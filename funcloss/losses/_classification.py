@@ -1087,8 +1087,8 @@ def linear_cross_entropy(
     (outside autocast and any torch.func transform) the chunked loss is one custom operator,
     ``funcloss::linear_ce_rows``, with first derivatives (as torch's chunked path). Under
     forward mode (``jvp``, ``jacfwd``, ``hessian``), compiled transforms and torch.export the
-    same value is computed as a plain composition, so every transform works. So is a class ``weight`` that requires grad (torch
-    refuses one), and float64 tensors under autocast.
+    same value is computed as a plain composition, so every transform works. So is a class
+    ``weight`` that requires grad (torch refuses one), and float64 tensors under autocast.
 
     Args:
         input: ``(N, H)`` or unbatched ``(H,)``.
