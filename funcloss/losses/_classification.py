@@ -742,58 +742,26 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
         acc: torch.dtype,
         round_to: torch.dtype | None,
     ) -> Tensor:
-        n, classes = input.size(0), linear_weight.size(0)
-        g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, acc)
-        smoothing = eps != 0.0
-        w_sum = float(classes) if class_weight is None else class_weight.sum()
-        needs = ctx.needs_input_grad
-        # Weight and bias gradients summed over the chunks in at least float32's precision.
-        total_dtype = torch.promote_types(linear_weight.dtype, acc)
-        g_input = torch.empty_like(input) if precompute and needs[0] else None
-        g_weight = (
-            torch.zeros(linear_weight.shape, dtype=total_dtype, device=input.device)
-            if precompute and needs[1]
-            else None
-        )
-        g_bias = (
-            torch.zeros(linear_bias.shape, dtype=total_dtype, device=input.device)
-            if precompute and linear_bias is not None and needs[2]
-            else None
+        total, lse, g_nll, g_smooth, g_input, g_weight, g_bias = _linear_ce_total(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            class_weight,
+            keep,
+            chunk,
+            eps,
+            mean,
+            tuple(precompute and need for need in ctx.needs_input_grad[:3]),
+            mm,
+            acc,
+            round_to,
         )
         precompute = any(g is not None for g in (g_input, g_weight, g_bias))
-        w_mm, b_mm, x_mm = _as(linear_weight, mm), _as(linear_bias, mm), _as(input, mm)
-        assert w_mm is not None and x_mm is not None
-        lse = input.new_empty(n, dtype=acc)
-        total = torch.zeros((), dtype=acc, device=input.device)
-        for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            x = x_mm[rows]
-            probs = _chunk_logits(x, w_mm, b_mm, acc)
-            lse[rows], row_nll, row_smooth = _chunk_softmax_(
-                probs, target[rows], class_weight, w_sum, smoothing, round_to
-            )
-            total += torch.dot(g_nll[rows], row_nll)
-            if smoothing:
-                total += torch.dot(g_smooth[rows], row_smooth)
-            if precompute:
-                g_mm = _softmax_grads_(
-                    probs, target[rows], g_nll[rows], g_smooth[rows], w_sum, class_weight, smoothing
-                ).to(mm)
-                if g_input is not None and g_input.dtype == mm:
-                    torch.mm(g_mm, w_mm, out=g_input[rows])
-                elif g_input is not None:
-                    g_input[rows] = g_mm @ w_mm
-                if g_weight is not None and g_weight.dtype == mm:
-                    g_weight.addmm_(g_mm.T, x)
-                elif g_weight is not None:
-                    g_weight += g_mm.T @ x
-                if g_bias is not None:
-                    g_bias += g_mm.sum(0)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, class_weight, lse, g_nll, g_smooth)
-        bias_dtype = linear_weight.dtype if linear_bias is None else linear_bias.dtype
-        ctx.grads = (g_input, _as(g_weight, linear_weight.dtype), _as(g_bias, bias_dtype)) if precompute else None
-        ctx.chunk, ctx.smoothing, ctx.mm = chunk, smoothing, mm
-        return torch.where(empty, torch.full_like(total, float("nan")), total)
+        ctx.grads = (g_input, g_weight, g_bias) if precompute else None
+        ctx.chunk, ctx.smoothing, ctx.mm = chunk, eps != 0.0, mm
+        return total
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -817,6 +785,70 @@ class _ChunkedLinearCETotal(torch.autograd.Function):
                 ctx.mm,
             )
         return (*grads, *rest)
+
+
+def _linear_ce_total(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    keep: Tensor,
+    chunk: int,
+    eps: float,
+    mean: bool,
+    needs: tuple[bool, ...],
+    mm: torch.dtype,
+    acc: torch.dtype,
+    round_to: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The reduced loss chunk by chunk: ``(total, lse, g_nll, g_smooth, g_input, g_weight,
+    g_bias)``, the gradients (of the input, weight and bias, where ``needs`` says) formed from
+    each chunk's softmax, the weight and bias ones in the parameters' dtypes (None where not
+    needed); NaN where the mean's denominator is 0."""
+    n, classes = input.size(0), linear_weight.size(0)
+    g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, acc)
+    smoothing = eps != 0.0
+    w_sum = float(classes) if class_weight is None else class_weight.sum()
+    # Weight and bias gradients summed over the chunks in at least float32's precision.
+    total_dtype = torch.promote_types(linear_weight.dtype, acc)
+    g_input = torch.empty_like(input) if needs[0] else None
+    g_weight = torch.zeros(linear_weight.shape, dtype=total_dtype, device=input.device) if needs[1] else None
+    g_bias = (
+        torch.zeros(linear_bias.shape, dtype=total_dtype, device=input.device)
+        if linear_bias is not None and needs[2]
+        else None
+    )
+    precompute = any(g is not None for g in (g_input, g_weight, g_bias))
+    w_mm, b_mm, x_mm = _as(linear_weight, mm), _as(linear_bias, mm), _as(input, mm)
+    assert w_mm is not None and x_mm is not None
+    lse = input.new_empty(n, dtype=acc)
+    total = torch.zeros((), dtype=acc, device=input.device)
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        x = x_mm[rows]
+        probs = _chunk_logits(x, w_mm, b_mm, acc)
+        lse[rows], row_nll, row_smooth = _chunk_softmax_(probs, target[rows], class_weight, w_sum, smoothing, round_to)
+        total += torch.dot(g_nll[rows], row_nll)
+        if smoothing:
+            total += torch.dot(g_smooth[rows], row_smooth)
+        if precompute:
+            g_mm = _softmax_grads_(probs, target[rows], g_nll[rows], g_smooth[rows], w_sum, class_weight, smoothing).to(
+                mm
+            )
+            if g_input is not None and g_input.dtype == mm:
+                torch.mm(g_mm, w_mm, out=g_input[rows])
+            elif g_input is not None:
+                g_input[rows] = g_mm @ w_mm
+            if g_weight is not None and g_weight.dtype == mm:
+                g_weight.addmm_(g_mm.T, x)
+            elif g_weight is not None:
+                g_weight += g_mm.T @ x
+            if g_bias is not None:
+                g_bias += g_mm.sum(0)
+    bias_dtype = linear_weight.dtype if linear_bias is None else linear_bias.dtype
+    total = torch.where(empty, torch.full_like(total, float("nan")), total)
+    return total, lse, g_nll, g_smooth, g_input, _as(g_weight, linear_weight.dtype), _as(g_bias, bias_dtype)
 
 
 def _reduction_coefficients(
@@ -989,6 +1021,76 @@ def _linear_ce_rows_backward_fake(
 ) -> tuple[Tensor, Tensor, Tensor]:
     bias = linear_weight.new_empty(0) if linear_bias is None else torch.empty_like(linear_bias)
     return torch.empty_like(input), torch.empty_like(linear_weight), bias
+
+
+@torch.library.custom_op("funcloss::linear_ce_total", mutates_args=())
+def _linear_ce_total_op(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    keep: Tensor,
+    chunk: int,
+    eps: float,
+    mean: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The reduced loss and, where ``needs`` says, the gradients of the input, weight and bias
+    formed from each chunk's softmax (empty where not needed), as `_ChunkedLinearCETotal`."""
+    dtype = torch.promote_types(input.dtype, linear_weight.dtype)
+    with torch.no_grad():
+        total, _, _, _, *grads = _linear_ce_total(
+            input,
+            linear_weight,
+            linear_bias,
+            target,
+            class_weight,
+            keep,
+            chunk,
+            eps,
+            mean,
+            tuple(needs),
+            dtype,
+            dtype,
+            None,
+        )
+    g_input, g_weight, g_bias = (input.new_empty(0) if g is None else g for g in grads)
+    return total, g_input, g_weight, g_bias
+
+
+@_linear_ce_total_op.register_fake
+def _linear_ce_total_fake(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Tensor | None,
+    target: Tensor,
+    class_weight: Tensor | None,
+    keep: Tensor,
+    chunk: int,
+    eps: float,
+    mean: bool,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = torch.promote_types(input.dtype, linear_weight.dtype)
+    like = (input, linear_weight, linear_bias)
+    g_input, g_weight, g_bias = (
+        torch.empty_like(t) if t is not None and need else input.new_empty(0) for t, need in zip(like, needs)
+    )
+    return input.new_empty((), dtype=dtype), g_input, g_weight, g_bias
+
+
+def _linear_ce_total_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    ctx.save_for_backward(*output[1:])
+    ctx.needs = inputs[-1]
+
+
+def _linear_ce_total_backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple[Tensor | None, ...]:
+    grads = (g * grad if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_linear_ce_total_op.register_autograd(_linear_ce_total_backward, setup_context=_linear_ce_total_setup)
 
 
 def _linear_ce_rows_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
@@ -1195,6 +1297,24 @@ def linear_cross_entropy(
         return _transformed_linear_ce(
             input, linear_weight, linear_bias, safe, keep, weight, reduction, label_smoothing, chunk
         )
+    if compiled and reduction != "none":
+        # As in eager mode: the gradients formed in the forward, scaled in the backward.
+        needs = [
+            torch.is_grad_enabled() and t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
+        ]
+        reduced: Tensor = torch.ops.funcloss.linear_ce_total(
+            input,
+            linear_weight,
+            linear_bias,
+            safe,
+            weight,
+            keep,
+            int(chunk),
+            float(label_smoothing),
+            reduction == "mean",
+            needs,
+        )[0]
+        return reduced
     if compiled:
         rows: tuple[Tensor, Tensor, Tensor] = torch.ops.funcloss.linear_ce_rows(
             input, linear_weight, linear_bias, safe, weight, int(chunk), label_smoothing != 0.0
