@@ -1186,8 +1186,9 @@ def linear_cross_entropy(
     Under torch.func's ``grad``, ``vjp``/``jacrev`` and ``vmap`` (and their nestings, such as
     per-example gradients), more rows than one chunk also run chunk by chunk (outside autocast):
     the forward keeps no logits and the backward recomputes each chunk's. Under torch.compile
-    (outside autocast and any torch.func transform) the chunked loss is one custom operator,
-    ``funcloss::linear_ce_rows``, with first derivatives (as torch's chunked path). Under
+    (outside autocast and any torch.func transform) the chunked loss is one custom operator
+    (``funcloss::linear_ce_total``, gradients formed in the forward, for "mean"/"sum";
+    ``funcloss::linear_ce_rows`` for "none"), with first derivatives (as torch's chunked path). Under
     forward mode (``jvp``, ``jacfwd``, ``hessian``), compiled transforms and torch.export the
     same value is computed as a plain composition, so every transform works. So is a class
     ``weight`` that requires grad (torch refuses one), and float64 tensors under autocast.
