@@ -17,6 +17,9 @@ P = ParamSpec("P")
 T = TypeVar("T")
 Randomness = Literal["error", "different", "same"]
 Grads = dict[str, Tensor]
+# A batch of model inputs or targets: one tensor, or several (each with the sample on dim 0)
+# passed positionally (a tuple) or by keyword (a mapping).
+Batch = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
 
 __all__ = ["GradStats", "grad_stats", "per_sample_grad", "per_sample_grads"]
 
@@ -154,16 +157,7 @@ def functional_forward(
     """``model``'s forward on ``batch`` (a tensor, positional tuple or keyword mapping) with
     ``params`` and ``buffers`` in place of its own."""
     state = (dict(params), dict(buffers))
-    if isinstance(batch, Tensor):
-        return tf.functional_call(model, state, (batch,))
-    if isinstance(batch, Mapping):
-        return tf.functional_call(model, state, (), dict(batch))
-    return tf.functional_call(model, state, tuple(batch))
-
-
-# A batch of model inputs or targets: one tensor, or several (each with the sample on dim 0)
-# passed positionally (a tuple) or by keyword (a mapping).
-Batch = Tensor | tuple[Tensor, ...] | Mapping[str, Tensor]
+    return call_model(lambda *args, **kwargs: tf.functional_call(model, state, args, kwargs), batch)
 
 
 def map_batch(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
