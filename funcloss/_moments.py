@@ -12,8 +12,11 @@ samples is a matrix product (Goodfellow 2015; Dangel et al. 2020):
 and the squared norm of sample ``i``'s gradient is ``||g_i||^2 ||a_i||^2``. An Embedding's
 per-sample gradient touches only the rows of that sample's tokens, so it is summed per (sample,
 token) pair. Linear layers on inputs with more dims (sequences) form that layer's per-sample
-gradients for one chunk. `grad_stats` folds these into running sums without forming ``B x P``
-gradients; `per_sample_grads` writes ``g_i a_i^T`` (or token rows) straight into its result.
+gradients for one chunk. A convolution's per-sample weight gradients are one grouped
+convolution's weight gradient; a normalisation layer's (LayerNorm, GroupNorm, eval-mode
+BatchNorm) affine weight and bias get ``sum g_i * x_hat_i`` and ``sum g_i`` over positions.
+`grad_stats` folds these into running sums without forming ``B x P`` gradients;
+`per_sample_grads` writes ``g_i a_i^T`` (or token rows) straight into its result.
 
 References:
     Goodfellow, I. "Efficient Per-Example Gradient Computations", arXiv:1510.01799, 2015.
@@ -522,8 +525,8 @@ def layer_grads(
     progress: bool = False,
 ) -> dict[str, Tensor] | None:
     """Per-sample gradients ``{name: (B, *shape)}`` from layer inputs and output gradients
-    (``g_i a_i^T`` per Linear, token rows per Embedding), written in place chunk by chunk; or
-    None for other models."""
+    (``g_i a_i^T`` per Linear, token rows per Embedding, the rules above for convolutions and
+    normalisations), written in place chunk by chunk; or None for other models."""
     layers = _supported_layers(model)
     if layers is None:
         return None
