@@ -386,8 +386,7 @@ def _ctc_grad(
 # Under torch.compile the recursion runs as one opaque operator: traced, its Python time loop
 # would unroll into a graph of T steps, minutes to compile for a few hundred steps and slower
 # than eager once compiled. The operator runs the eager recursion above at run time, with its
-# beta-recursion backward as a second operator (first derivatives; as torch's own ctc_loss,
-# no double backward when compiled).
+# beta-recursion backward as a second operator (first derivatives only when compiled).
 @torch.library.custom_op("funcloss::ctc_alphas", mutates_args=())
 def _ctc_alphas_op(
     log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor
