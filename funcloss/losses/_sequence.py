@@ -364,13 +364,14 @@ def _ctc_grad(
     here, next1, next2 = ahead[:size], ahead[1 : size + 1], ahead[2:]
     step, jump = torch.empty_like(end_beta), torch.empty_like(end_beta)
     logaddexp, add = torch.logaddexp, torch.add
+    beta_rows, emit_rows = betas.unbind(0), emit.unbind(0)  # one call each, not two views a step
     for t in range(steps - 2, -1, -1):
-        add(betas[t + 1], emit[t + 1], out=here)
+        add(beta_rows[t + 1], emit_rows[t + 1], out=here)
         logaddexp(here, next1, out=step)
         add(next2, skip_next, out=jump)
-        logaddexp(step, jump, out=betas[t])
+        logaddexp(step, jump, out=beta_rows[t])
         if t in starting:
-            torch.where(last_step == t, end_beta, betas[t], out=betas[t])
+            torch.where(last_step == t, end_beta, beta_rows[t], out=beta_rows[t])
     occupancy = betas.add_(padded[:, 2:]).sub_(ll)
     feasible = ll >= neg / 2
     # exp(x) as 2^(x log2 e): the same to rounding, and several times faster on CPU where
