@@ -124,8 +124,8 @@ def rwwce_reference(
     keep = target != ignore_index
     probs = torch.softmax(input.movedim(class_dim, -1), -1)
     onehot = F.one_hot(torch.where(keep, target, 0), classes).to(input.dtype) * keep.unsqueeze(-1)
-    a = torch.ones(classes, dtype=input.dtype) if fn_weight is None else fn_weight
-    b = torch.zeros(classes, classes, dtype=input.dtype) if fp_weight is None else fp_weight
+    a = torch.ones(classes, dtype=input.dtype, device=input.device) if fn_weight is None else fn_weight
+    b = torch.zeros(classes, classes, dtype=input.dtype, device=input.device) if fp_weight is None else fp_weight
     values = -(onehot * a * torch.log(probs) + (onehot @ b) * torch.log(1 - probs)).sum(-1)
     if reduction == "mean":
         return _mean_over(values, keep.sum())
@@ -161,7 +161,7 @@ def _make_rwwce(s: Sampler, o: Mapping[str, Any]) -> Example:
     if o["costs"] in ("fn", "both"):
         kw["fn_weight"] = s.uniform((classes,), 0.0, 3.0)
     if o["costs"] in ("fp", "both"):
-        kw["fp_weight"] = s.uniform((classes, classes), 0.0, 3.0) * (1 - torch.eye(classes, dtype=s.dtype))
+        kw["fp_weight"] = s.uniform((classes, classes), 0.0, 3.0) * (1 - torch.eye(classes, dtype=s.dtype, device=s.device))
     return Example(ex.args, kw, ex.diff, ex.in_dims, {"fn_weight": None, "fp_weight": None})
 
 
