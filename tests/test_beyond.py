@@ -161,7 +161,8 @@ def _make_rwwce(s: Sampler, o: Mapping[str, Any]) -> Example:
     if o["costs"] in ("fn", "both"):
         kw["fn_weight"] = s.uniform((classes,), 0.0, 3.0)
     if o["costs"] in ("fp", "both"):
-        kw["fp_weight"] = s.uniform((classes, classes), 0.0, 3.0) * (1 - torch.eye(classes, dtype=s.dtype, device=s.device))
+        off_diagonal = 1 - torch.eye(classes, dtype=s.dtype, device=s.device)
+        kw["fp_weight"] = s.uniform((classes, classes), 0.0, 3.0) * off_diagonal
     return Example(ex.args, kw, ex.diff, ex.in_dims, {"fn_weight": None, "fp_weight": None})
 
 
