@@ -37,10 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 15; memory: 5, each is slow)"
     )
     bench.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    bench.add_argument(
+        "--compile",
+        action="store_true",
+        help="losses: add a column with both sides under torch.compile (slow: seconds per loss)",
+    )
 
     args = parser.parse_args(argv)
     if args.command in ("check", "bench") and args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
+    if args.command == "bench" and args.compile and args.what != "losses":
+        parser.error(f"--compile: only for 'bench losses' (got 'bench {args.what}')")
     if args.command == "check":
         from ._bench.cases import CASES
         from ._bench.check import run
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_persample(rounds=args.rounds, device=args.device)
         from ._bench.timing import run_losses
 
-        return run_losses(args.device, rounds=args.rounds, names=args.loss)
+        return run_losses(args.device, rounds=args.rounds, names=args.loss, compile=args.compile)
     return 2
 
 

@@ -162,3 +162,33 @@ def test_bench_memory_reports_every_method_and_its_progress(
         raise AssertionError(f"no row for {label!r} in:\n{out}")
     assert rows["func.grad: funcloss"][-2] == "0.25"  # 10 MiB against its baseline's 40
     assert rows["cross_entropy(linear(...))"][-2] == "1.00"
+
+
+def test_bench_losses_compiled_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench losses --compile`` adds a column timing both sides under torch.compile: each side
+    is compiled (recorded here), and the column holds their ratio."""
+    from funcloss._bench import timing
+
+    seen: list[Callable[..., Tensor]] = []
+    real = timing.compiled
+
+    def recording(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        seen.append(fn)
+        return real(fn)
+
+    monkeypatch.setattr(timing, "compiled", recording)
+    out = io.StringIO()
+    assert timing.run_losses("cpu", rounds=1, names=["l1_loss"], compile=True, out=out) == 0
+    case = bench_cases.CASES["l1_loss"]
+    assert seen == [case.ours, case.theirs]
+    header = next(line for line in out.getvalue().splitlines() if line.startswith("loss"))
+    row = next(line for line in out.getvalue().splitlines() if line.startswith("l1_loss"))
+    assert header.split()[7] == "compiled"
+    assert float(row.split()[7]) > 0
+
+
+def test_bench_compile_is_for_the_losses_benchmark_only() -> None:
+    from funcloss import __main__ as cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "persample", "--compile"])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -841,3 +843,52 @@ def test_class_weights_summing_to_zero_give_nan_with_a_zero_gradient() -> None:
         assert torch.equal(g, torch.zeros_like(g)), name
     (eager,) = torch.autograd.grad(fl.linear_cross_entropy(x, wr, y, weight=zero, chunk_size=2), (wr,))
     assert torch.equal(eager, torch.zeros_like(eager))
+
+
+_COMPILED_CE_PEAK = """
+import sys, warnings
+import torch, torch.nn.functional as F
+import funcloss as fl
+from funcloss._bench.rss import peak_extra_bytes
+warnings.simplefilter("ignore")
+gen = torch.Generator().manual_seed(0)
+z = torch.randn(2048, 8000, generator=gen).requires_grad_()
+y = torch.randint(0, 8000, (2048,), generator=gen)
+y[:5] = -100
+fn = fl.cross_entropy if sys.argv[1] == "funcloss" else F.cross_entropy
+compiled = torch.compile(lambda z: fn(z, y, label_smoothing=0.1), fullgraph=True)
+(g,) = torch.autograd.grad(compiled(z), (z,))
+(eager,) = torch.autograd.grad(F.cross_entropy(z, y, label_smoothing=0.1), (z,))
+torch.testing.assert_close(g, eager)
+del g, eager
+print(peak_extra_bytes(lambda: torch.autograd.grad(compiled(z), (z,))))
+"""
+
+
+def test_compiled_cross_entropy_holds_as_much_as_torchs() -> None:
+    """Compiled, funcloss's cross_entropy (its gradient equal to torch's) peaks at the memory of
+    torch's compiled one: one (N, C) buffer for the log-softmax and its gradient. A gather picking
+    the target's log-probability would need a second (its backward scatters into a new one)."""
+    logits = 2048 * 8000 * 4
+    peaks = {}
+    for library in ("funcloss", "torch"):
+        out = subprocess.run(
+            [sys.executable, "-c", _COMPILED_CE_PEAK, library], capture_output=True, text=True, check=False
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        peaks[library] = int(out.stdout.split()[-1])
+    assert peaks["torch"] < 1.5 * logits, peaks
+    assert peaks["funcloss"] <= 1.2 * peaks["torch"] + 0.05 * logits, peaks
+
+
+@pytest.mark.parametrize("library", ["funcloss", "torch.nn.functional"])
+def test_compiled_cross_entropy_refuses_a_target_out_of_range(library: str) -> None:
+    """Compiled, a target out of range fails with RuntimeError (a check inside the compiled
+    code) in funcloss as in torch, rather than picking nothing."""
+    fn = fl.cross_entropy if library == "funcloss" else F.cross_entropy
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    x = torch.randn(4, 5, generator=_g())
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        compiled(x, torch.tensor([0, 1, 7, 2]))
+    torch.testing.assert_close(compiled(x, torch.tensor([0, 1, 4, -100])), fn(x, torch.tensor([0, 1, 4, -100])))

@@ -96,25 +96,40 @@ def _fmt(x: float | None) -> str:
     return "   n/a" if x is None or math.isnan(x) else f"{x:6.2f}"
 
 
+def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` under ``torch.compile`` (graph breaks allowed: torch's own ``ctc_loss`` and
+    ``gaussian_nll_loss`` break the graph), compiled afresh for this one case."""
+    torch._dynamo.reset()
+    out: Callable[..., Tensor] = torch.compile(fn)
+    return out
+
+
 def run_losses(
-    device: str = "cpu", *, rounds: int = 15, names: list[str] | None = None, out: TextIO = sys.stdout
+    device: str = "cpu",
+    *,
+    rounds: int = 15,
+    names: list[str] | None = None,
+    compile: bool = False,
+    out: TextIO = sys.stdout,
 ) -> int:
     # Expected warnings (kl_div's "mean", torch's vmap fallback) are silenced once here: a
     # per-call catch_warnings would add the same few microseconds to both sides of each ratio.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _run_losses(device, rounds=rounds, names=names, out=out)
+        return _run_losses(device, rounds=rounds, names=names, compile=compile, out=out)
 
 
-def _run_losses(device: str, *, rounds: int, names: list[str] | None, out: TextIO) -> int:
+def _run_losses(device: str, *, rounds: int, names: list[str] | None, compile: bool, out: TextIO) -> int:
     dev = torch.device(device)
     cases = [CASES[n] for n in names] if names else list(CASES.values())
     width = max(len(c.name) for c in cases)
     print(f"funcloss bench on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads)", file=out)
     print("time of funcloss / time of torch.nn.functional, median of interleaved rounds; < 1 is faster", file=out)
+    if compile:
+        print("compiled: both sides under torch.compile at the large size (the first calls compile)", file=out)
     header = (
         f"{'loss':<{width}}  {'small':>6}  {'large':>6}  {'vmap':>6}  {'vmap(grad)':>10}"
-        f"  {'wide':>6}  {'wide(grad)':>10}  torch under vmap"
+        f"  {'wide':>6}  {'wide(grad)':>10}{'  compiled' if compile else ''}  torch under vmap"
     )
     print(header, file=out)
     print("-" * len(header), file=out, flush=True)
@@ -135,10 +150,18 @@ def _run_losses(device: str, *, rounds: int, names: list[str] | None, out: TextI
                     cells.append(ratio(ours, theirs, dev, rounds))
                 except Exception:
                     cells.append(None)
+        if compile:
+            ex = case.make(Sampler(0, torch.float32, dev), {**case.defaults(), **sizes(case)["large"]})
+            try:
+                ours, theirs = compiled(case.ours), compiled(case.theirs)
+                cells.append(ratio(forward_backward(ours, ex), forward_backward(theirs, ex), dev, rounds))
+            except Exception:
+                cells.append(None)
+        extra = f"  {_fmt(cells[6]):>8}" if compile else ""
         note = "loops or fails" if "vmap" in case.torch_breaks else "batched"
         print(
             f"{case.name:<{width}}  {_fmt(cells[0])}  {_fmt(cells[1])}  {_fmt(cells[2])}  {_fmt(cells[3]):>10}"
-            f"  {_fmt(cells[4])}  {_fmt(cells[5]):>10}  {note}",
+            f"  {_fmt(cells[4])}  {_fmt(cells[5]):>10}{extra}  {note}",
             file=out,
             flush=True,
         )

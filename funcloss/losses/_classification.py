@@ -127,6 +127,21 @@ def _row_starts(rows: int, classes: int) -> Tensor:
 def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
     """``logp[..., target, ...]`` along the class dim. On accelerators the gather's own bounds
     check is the (asynchronous) range check."""
+    if compiled_plainly():
+        # Compiled: a comparison with the class index instead of a gather. Its backward is
+        # elementwise, so inductor fuses it with log_softmax's backward into one pass over one
+        # buffer (a gather's backward scatters into a second (N, C) one): the memory and time
+        # of torch's compiled cross_entropy. The bounds check is a device-side assertion, as
+        # the gather's is there.
+        classes = logp.size(class_dim)
+        torch._assert_async(
+            ((target >= 0) & (target < classes)).all(),
+            f"Target out of bounds: expected class indices in [0, {classes - 1}] or ignore_index.",
+        )
+        shape = [1] * logp.dim()
+        shape[class_dim] = classes
+        hit = torch.arange(classes, device=logp.device).view(shape) == target.unsqueeze(class_dim)
+        return torch.where(hit, logp, 0).sum(class_dim)
     if logp.dim() == 2 and logp.numel() >= _FLAT_PICK and logp.is_contiguous() and not on_accelerator(logp):
         # Large (N, C): pick from the flat view; index_select's backward (an index_add into a
         # flat buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
