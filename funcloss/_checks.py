@@ -54,6 +54,13 @@ def compiled_plainly() -> bool:
     )
 
 
+def compiling_untransformed() -> bool:
+    """True while torch.compile or torch.export traces the loss outside any torch.func
+    transform: where an all-ATen rewrite that suits Inductor (and checks values with
+    ``torch._assert_async``, which has no batching rule) may replace the eager form."""
+    return torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+
+
 def only_vmap() -> bool:
     """True when every active torch.func transform is a vmap (and nothing is being compiled):
     a batched implementation can then stand in for the per-example one."""

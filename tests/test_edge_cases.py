@@ -119,6 +119,27 @@ def test_bce_gradient_at_an_end_with_its_own_label_is_the_true_derivative() -> N
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("target_grad", [False, True])
+def test_compiled_bce_at_the_ends_is_eager_bce(target_grad: bool) -> None:
+    """Compiled, the capped logs take another form (one fused Function); values and gradients
+    at and near the ends, the target's gradient too, are the eager ones."""
+    x = T([0.0, 1.0, 0.0, 1.0, 1e-14, 1e-12, 1e-13, 1 - 2**-45, 0.5, 0.3], dtype=torch.float64)
+    y = T([1.0, 0.0, 0.0, 1.0, 1.0, 0.3, 0.0, 1.0, 1.0, 0.7], dtype=torch.float64)
+
+    def value_and_grads(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        xs, ys = x.clone().requires_grad_(True), y.clone().requires_grad_(target_grad)
+        out = fn(xs, ys)
+        return (out, *torch.autograd.grad(out.sum(), [xs, ys] if target_grad else [xs]))
+
+    def loss(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return fl.binary_cross_entropy(p, t, reduction="none")
+
+    torch._dynamo.reset()
+    compiled = value_and_grads(torch.compile(loss, fullgraph=True))
+    for got, expected in zip(compiled, value_and_grads(loss), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bce_in_half_precision_at_the_ends(dtype: torch.dtype) -> None:
     """0 and 1 cost 100 and push with 1/1e-12 (inf in half precision) as in torch's half

@@ -882,13 +882,14 @@ def test_compiled_cross_entropy_holds_as_much_as_torchs() -> None:
 
 
 @pytest.mark.parametrize("library", ["funcloss", "torch.nn.functional"])
-def test_compiled_cross_entropy_refuses_a_target_out_of_range(library: str) -> None:
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss"])
+def test_compiled_class_loss_refuses_a_target_out_of_range(name: str, library: str) -> None:
     """Compiled, a target out of range fails with RuntimeError (a check inside the compiled
     code) in funcloss as in torch, rather than picking nothing."""
-    fn = fl.cross_entropy if library == "funcloss" else F.cross_entropy
+    fn: Callable[..., torch.Tensor] = getattr(fl if library == "funcloss" else F, name)
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
-    x = torch.randn(4, 5, generator=_g())
+    x = torch.randn(4, 5, generator=_g()).log_softmax(1)
     with pytest.raises(RuntimeError, match="out of bounds"):
         compiled(x, torch.tensor([0, 1, 7, 2]))
     torch.testing.assert_close(compiled(x, torch.tensor([0, 1, 4, -100])), fn(x, torch.tensor([0, 1, 4, -100])))

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch >= 2.13; only read by attribute here, so older torch 
 from .._checks import (
     check_reduction,
     compiled_plainly,
+    compiling_untransformed,
     differentiated_once,
     has_tangent,
     is_eager,
@@ -124,10 +125,46 @@ def _row_starts(rows: int, classes: int) -> Tensor:
     return torch.arange(0, rows * classes, classes)
 
 
-def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
+def _hits(target: Tensor, like: Tensor, class_dim: int) -> Tensor:
+    """Boolean, broadcasting to ``like``: true where the class index along ``class_dim`` is
+    the target's."""
+    classes = like.size(class_dim)
+    shape = [1] * like.dim()
+    shape[class_dim] = classes
+    return torch.arange(classes, device=like.device).view(shape) == target.unsqueeze(class_dim)
+
+
+class _GatherScatterless(torch.autograd.Function):
+    """``logp[..., target, ...]`` by a gather, whose backward writes ``where(hit, g, 0)`` in one
+    elementwise pass instead of scattering into zeros: for compiled graphs of given
+    log-probabilities (``nll_loss``), the forward reading N values, not N x C."""
+
+    @staticmethod
+    def forward(ctx: Any, logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
+        ctx.save_for_backward(target)
+        ctx.class_dim = class_dim
+        ctx.classes = logp.size(class_dim)
+        return logp.gather(class_dim, target.unsqueeze(class_dim)).squeeze(class_dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (target,) = ctx.saved_tensors
+        shape = [1] * (grad.dim() + 1)
+        shape[ctx.class_dim] = ctx.classes
+        hit = torch.arange(ctx.classes, device=grad.device).view(shape) == target.unsqueeze(ctx.class_dim)
+        return torch.where(hit, grad.unsqueeze(ctx.class_dim), 0), None, None
+
+
+def _pick(logp: Tensor, target: Tensor, class_dim: int, *, after_softmax: bool = True) -> Tensor:
     """``logp[..., target, ...]`` along the class dim. On accelerators the gather's own bounds
-    check is the (asynchronous) range check."""
-    if compiled_plainly():
+    check is the (asynchronous) range check. ``after_softmax``: ``logp`` was just formed by a
+    log_softmax in this loss (a compiled graph then fuses the pick into it)."""
+    if not after_softmax and compiled_plainly():
+        # Compiled, of given log-probabilities: a gather forward (the compiled gather checks
+        # its bounds) with an elementwise backward, as torch's compiled nll_loss.
+        picked: Tensor = _GatherScatterless.apply(logp, target, class_dim)  # type: ignore[no-untyped-call]
+        return picked
+    if compiling_untransformed():
         # Compiled: a comparison with the class index instead of a gather. Its backward is
         # elementwise, so inductor fuses it with log_softmax's backward into one pass over one
         # buffer (a gather's backward scatters into a second (N, C) one): the memory and time
@@ -138,10 +175,7 @@ def _pick(logp: Tensor, target: Tensor, class_dim: int) -> Tensor:
             ((target >= 0) & (target < classes)).all(),
             f"Target out of bounds: expected class indices in [0, {classes - 1}] or ignore_index.",
         )
-        shape = [1] * logp.dim()
-        shape[class_dim] = classes
-        hit = torch.arange(classes, device=logp.device).view(shape) == target.unsqueeze(class_dim)
-        return torch.where(hit, logp, 0).sum(class_dim)
+        return torch.where(_hits(target, logp, class_dim), logp, 0).sum(class_dim)
     if logp.dim() == 2 and logp.numel() >= _FLAT_PICK and logp.is_contiguous() and not on_accelerator(logp):
         # Large (N, C): pick from the flat view; index_select's backward (an index_add into a
         # flat buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
@@ -169,13 +203,19 @@ def _total_path(input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
 
 
 def _picked(
-    logp: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int, class_dim: int
+    logp: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    class_dim: int,
+    *,
+    after_softmax: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per position: ``-w[y] logp[y]`` (0 where ignored), the weight ``w[y]`` (0 where ignored)
     and the keep mask."""
     keep = target != ignore_index
     safe = torch.where(keep, target, 0)
-    picked = _pick(logp, safe, class_dim)
+    picked = _pick(logp, safe, class_dim, after_softmax=after_softmax)
     kept = keep.to(logp.dtype)
     w = kept if weight is None else class_values(weight, safe) * kept
     return -picked * w, w, keep
@@ -236,8 +276,8 @@ def nll_loss(
     _check_class_weight("nll_loss", weight, classes, input.dtype)
     target = target.long()
     if _check_in_range(target, classes, ignore_index) and weight is None:
-        return reduce(-_pick(input, target, class_dim), reduction)  # nothing ignored: a plain mean
-    values, w, _ = _picked(input, target, weight, ignore_index, class_dim)
+        return reduce(-_pick(input, target, class_dim, after_softmax=False), reduction)  # nothing ignored
+    values, w, _ = _picked(input, target, weight, ignore_index, class_dim, after_softmax=False)
     return _class_mean(values, w, reduction)
 
 

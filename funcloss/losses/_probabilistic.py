@@ -4,13 +4,21 @@ logits) and the Kullback-Leibler divergence."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._autocast import float32_under_autocast, refused_under_autocast
-from .._checks import broadcast_shape, check_reduction, check_same_shape, is_eager, on_accelerator
+from .._checks import (
+    broadcast_shape,
+    check_reduction,
+    check_same_shape,
+    compiled_plainly,
+    is_eager,
+    on_accelerator,
+)
 from .._combinators import batchmean, reduce
 from .._typing import KLDivReduction, Reduction
 from ._fused import fused_logits_bce, fused_probability_bce, use_fused
@@ -27,6 +35,24 @@ _BCE_UNSAFE = (
 )
 
 
+class _ClampedLog(torch.autograd.Function):
+    """``max(log p, -100)`` with the derivative ``1 / max(p, 1e-12)``, for compiled graphs:
+    Inductor fuses its forward and backward with the loss's (about half the work of the
+    zero-valued-term form of `_bce_log`, whose second derivatives the eager form needs)."""
+
+    @staticmethod
+    def forward(ctx: Any, p: Tensor) -> Tensor:
+        ctx.save_for_backward(p)
+        # Literals, not the module's constants: under dynamic shapes dynamo would lift those
+        # floats into symbolic inputs, which a traced Function's body cannot take.
+        return torch.log(p).clamp_min(-100.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        p: Tensor = ctx.saved_tensors[0]
+        return grad / p.clamp_min(1e-12)
+
+
 def _bce_log(p: Tensor) -> Tensor:
     """``max(log p, -100)`` whose derivative is capped at ``1 / 1e-12`` near ``p = 0``.
 
@@ -40,6 +66,9 @@ def _bce_log(p: Tensor) -> Tensor:
         # 1e-12 and its inverse are out of half precision's range: work in float32, as torch's
         # half kernels compute in float internally.
         return _bce_log(p.float()).to(p.dtype)
+    if compiled_plainly():
+        out: Tensor = _ClampedLog.apply(p)  # type: ignore[no-untyped-call]
+        return out
     value = torch.log(p.detach()).clamp_min(_LOG_FLOOR)
     # threshold's derivative is 0 at p == 1e-12 exactly, so there only the min term counts.
     f = torch.add(torch.log(F.threshold(p, _GRAD_FLOOR, _GRAD_FLOOR)), p.clamp_max(_GRAD_FLOOR), alpha=1 / _GRAD_FLOOR)
@@ -122,6 +151,10 @@ def binary_cross_entropy(
         # No probability within 1e-12 of 0 or 1: torch's clamps cannot act, plain logs are exact.
         log_p, log_q = torch.log(input), torch.log1p(-input)
         values = -torch.lerp(log_q, log_p, target)
+    elif torch.compiler.is_compiling():
+        # Compiled, the two logs apart: Inductor fuses them into the loss's one pass, where it
+        # would materialise a stacked [p, 1 - p] (4x slower forward+backward, measured).
+        values = -torch.lerp(_bce_log(1 - input), _bce_log(input), target)
     else:
         # Both logs in one pass over [p, 1 - p]; y log p + (1 - y) log q = lerp(log q, log p, y).
         logs = _bce_log(torch.stack([input, 1 - input]))
