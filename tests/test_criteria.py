@@ -72,6 +72,20 @@ def test_criteria_offer_torchs_public_interface() -> None:
                 assert ours_params == list(inspect.signature(getattr(theirs, method)).parameters), (name, method)
 
 
+def test_triplet_distance_criterion_defaults_to_a_pairwise_distance_module_like_torch() -> None:
+    """torch's criterion holds an nn.PairwiseDistance when given no distance function: so does
+    funcloss's (same children), computing its formula, changed settings included."""
+    ours, theirs = fnn.TripletMarginWithDistanceLoss(), nn.TripletMarginWithDistanceLoss()
+    assert isinstance(ours.distance_function, nn.PairwiseDistance)
+    assert [type(c) for c in ours.children()] == [type(c) for c in theirs.children()]
+    a, p, n = (torch.randn(5, 4, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3))
+    torch.testing.assert_close(ours(a, p, n), theirs(a, p, n))
+    for module in (ours, theirs):
+        module.distance_function = nn.PairwiseDistance(p=1.0, eps=1e-3)
+    torch.testing.assert_close(ours(a, p, n), theirs(a, p, n))
+    assert torch.func.grad(lambda x: ours(x, p, n))(a).abs().sum() > 0
+
+
 def test_adaptive_criterion_resets_its_parameters_like_torch() -> None:
     torch.manual_seed(0)
     ours = fnn.AdaptiveLogSoftmaxWithLoss(8, 12, [3, 7], div_value=2.0, head_bias=True)

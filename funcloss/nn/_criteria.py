@@ -7,6 +7,7 @@ buffers and parameters under the same names, and calls the funcloss function in 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import typing
@@ -505,16 +506,25 @@ class TripletMarginWithDistanceLoss(_Loss):
                 f"TripletMarginWithDistanceLoss(...): expected margin > 0, got {margin}. "
                 f"TripletMarginWithDistanceLoss: expected margin to be greater than 0, got {margin} instead"
             )
-        self.distance_function = distance_function
+        # As torch's: without a distance function, a PairwiseDistance submodule.
+        self.distance_function: Callable[[Tensor, Tensor], Tensor] = (
+            distance_function if distance_function is not None else nn.PairwiseDistance()
+        )
         self.margin = margin
         self.swap = swap
 
     def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        distance = self.distance_function
+        if type(distance) is nn.PairwiseDistance:
+            # torch's module, its formula computed by funcloss's own pairwise_distance.
+            distance = functools.partial(
+                _embedding.pairwise_distance, p=distance.norm, eps=distance.eps, keepdim=distance.keepdim
+            )
         return _embedding.triplet_margin_with_distance_loss(
             anchor,
             positive,
             negative,
-            distance_function=self.distance_function,
+            distance_function=distance,
             margin=self.margin,
             swap=self.swap,
             reduction=self.reduction,
