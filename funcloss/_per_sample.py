@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -11,6 +12,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast, overload
 
 import torch
 import torch.func as tf
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 P = ParamSpec("P")
@@ -65,7 +67,10 @@ def per_sample_grad(
         argnums: which arguments to differentiate (as in ``torch.func.grad``).
         in_dims: vmap's ``in_dims``; default: the differentiated arguments are shared (None),
             every other argument is batched on dim 0.
-        chunk_size: examples per vmap chunk (bounds memory; None: all at once).
+        chunk_size: examples per vmap chunk (bounds memory; None: all at once). Each chunk's
+            gradients are written into one result allocated from the first chunk's, so the
+            peak is the result plus one chunk's working set (vmap's own ``chunk_size`` holds
+            every chunk and then their concatenation, twice the result).
         randomness: vmap's randomness for dropout and friends: ``"error"`` (default),
             ``"different"`` (a fresh draw per example) or ``"same"``.
 
@@ -75,6 +80,8 @@ def per_sample_grad(
     """
     if not callable(fn):
         raise TypeError(f"per_sample_grad(...): expected a callable, got {type(fn).__name__}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"per_sample_grad(...): expected chunk_size >= 1 or None, got {chunk_size}.")
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     grad_fn = tf.grad(fn, argnums=argnums)
 
@@ -84,9 +91,54 @@ def per_sample_grad(
             dims = tuple(None if i in nums else 0 for i in range(len(args)))
         else:
             dims = in_dims
-        return tf.vmap(grad_fn, in_dims=dims, chunk_size=chunk_size, randomness=randomness)(*args)
+        if chunk_size is None:
+            return tf.vmap(grad_fn, in_dims=dims, randomness=randomness)(*args)
+        return _in_chunks(grad_fn, args, dims, chunk_size, randomness)
 
     return batched
+
+
+def _in_chunks(
+    fn: Callable[..., Any], args: tuple[Any, ...], dims: int | tuple[Any, ...], size: int, randomness: Randomness
+) -> Any:
+    """``vmap(fn)(*args)`` over chunks of ``size`` examples, each chunk's outputs (batched on
+    dim 0) written into one result allocated from the first chunk's. In-dims that are
+    themselves pytrees, or arguments vmap would refuse, go to vmap's own chunking (and its
+    errors)."""
+    mapped = tf.vmap(fn, in_dims=dims, randomness=randomness)
+    per_arg = dims if isinstance(dims, tuple) else (dims,) * len(args)
+    sizes: set[int] = set()
+    if len(per_arg) == len(args) and all(d is None or isinstance(d, int) for d in per_arg):
+        for arg, d in zip(args, per_arg):
+            if d is not None:
+                leaves = pytree.tree_leaves(arg)
+                if not all(isinstance(t, Tensor) and -t.dim() <= d < t.dim() for t in leaves):
+                    sizes.add(-1)  # vmap explains
+                sizes.update(t.size(d) for t in leaves if isinstance(t, Tensor) and -t.dim() <= d < t.dim())
+    if len(sizes) != 1 or -1 in sizes:
+        return tf.vmap(fn, in_dims=dims, chunk_size=size, randomness=randomness)(*args)
+    (n,) = sizes
+    if n <= size:
+        return mapped(*args)
+    result: list[Tensor] = []
+    spec: pytree.TreeSpec | None = None
+    for start in range(0, n, size):
+        stop = min(n, start + size)
+        part = [
+            a if d is None else pytree.tree_map(functools.partial(_narrow, dim=d, start=start, stop=stop), a)
+            for a, d in zip(args, per_arg)
+        ]
+        leaves, spec = pytree.tree_flatten(mapped(*part))
+        if not result:
+            result = [leaf.new_empty((n, *leaf.shape[1:])) for leaf in leaves]
+        for out, leaf in zip(result, leaves):
+            out[start:stop] = leaf
+    assert spec is not None
+    return pytree.tree_unflatten(result, spec)
+
+
+def _narrow(t: Tensor, *, dim: int, start: int, stop: int) -> Tensor:
+    return t.narrow(dim, start, stop - start)
 
 
 def _check_model(model: nn.Module, fn: str) -> None:

@@ -339,6 +339,58 @@ def test_per_sample_grad_transform_on_a_params_dict() -> None:
     assert gx.shape == xs.shape
 
 
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 9])
+def test_per_sample_grad_in_chunks_is_the_whole_batch(chunk_size: int) -> None:
+    """Chunked (sizes dividing the batch or not, or past it), the transform gives the unchunked
+    gradients: a params dict, a batched pytree argument, a batch on another dim, a shared
+    argument; in-dims given as a pytree go to vmap's own chunking. chunk_size < 1 is refused."""
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(4, 2, generator=g, dtype=D), "b": torch.randn(2, generator=g, dtype=D)}
+    xs = (torch.randn(5, 4, generator=g, dtype=D), torch.randn(4, 5, generator=g, dtype=D))
+    ys, scale = torch.randn(5, 2, generator=g, dtype=D), torch.tensor(0.5, dtype=D)
+
+    def loss(p: dict[str, Tensor], x: tuple[Tensor, Tensor], y: Tensor, c: Tensor) -> Tensor:
+        return fl.mse_loss((x[0] + c * x[1]) @ p["w"] + p["b"], y)
+
+    transposed = ((0, 1), 0, None)
+    whole = fl.per_sample_grad(loss, in_dims=(None, *transposed))(params, xs, ys, scale)
+    chunked = fl.per_sample_grad(loss, in_dims=(None, *transposed), chunk_size=chunk_size)(params, xs, ys, scale)
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k])
+    plain_xs = (xs[0], xs[1].T.contiguous())
+    whole = fl.per_sample_grad(loss, in_dims=(None, 0, 0, None))(params, plain_xs, ys, scale)
+    chunked = fl.per_sample_grad(loss, in_dims=(None, 0, 0, None), chunk_size=chunk_size)(params, plain_xs, ys, scale)
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k])
+    with pytest.raises(ValueError, match="chunk_size >= 1"):
+        fl.per_sample_grad(loss, chunk_size=0)
+
+
+def test_per_sample_grad_in_chunks_holds_the_result_once() -> None:
+    """The transform in chunks: peak RSS growth about the result's B x P floats (vmap's own
+    chunking would hold the chunks and then their concatenation, twice that)."""
+    script = textwrap.dedent(
+        """
+        import resource, torch
+        import funcloss as fl
+        torch.manual_seed(0)
+        params = {"w1": torch.randn(256, 256), "w2": torch.randn(256, 4)}
+        x, y = torch.randn(512, 256), torch.randint(0, 4, (512,))
+        def loss(p, x, y):
+            return fl.cross_entropy(torch.tanh(x @ p["w1"]) @ p["w2"], y)
+        fn = fl.per_sample_grad(loss, chunk_size=16)
+        fn(params, x[:16], y[:16])  # warm up
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        grads = fn(params, x, y)
+        size = sum(g.numel() * g.element_size() for g in grads.values()) // 1024
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, size)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grown, result = map(int, out.stdout.split())  # KiB
+    assert grown <= 1.3 * result, (grown, result)
+
+
 # ---------------------------------------------------------------- signs
 
 
