@@ -31,7 +31,7 @@ def per_sample_grad(  # type: ignore[overload-overlap]  # argnums=0 (the default
     fn: Callable[Concatenate[T, P], Tensor],
     argnums: Literal[0] = 0,
     *,
-    in_dims: int | tuple[int | None, ...] | None = None,
+    in_dims: int | tuple[Any, ...] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
 ) -> Callable[Concatenate[T, P], T]: ...
@@ -42,7 +42,7 @@ def per_sample_grad(
     fn: Callable[P, Tensor],
     argnums: int | tuple[int, ...],
     *,
-    in_dims: int | tuple[int | None, ...] | None = None,
+    in_dims: int | tuple[Any, ...] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
 ) -> Callable[P, Any]: ...
@@ -52,7 +52,7 @@ def per_sample_grad(
     fn: Callable[..., Tensor],
     argnums: int | tuple[int, ...] = 0,
     *,
-    in_dims: int | tuple[int | None, ...] | None = None,
+    in_dims: int | tuple[Any, ...] | None = None,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
 ) -> Callable[..., Any]:
@@ -65,8 +65,9 @@ def per_sample_grad(
     Args:
         fn: the loss of one example; the differentiated arguments first by default.
         argnums: which arguments to differentiate (as in ``torch.func.grad``).
-        in_dims: vmap's ``in_dims``; default: the differentiated arguments are shared (None),
-            every other argument is batched on dim 0.
+        in_dims: vmap's ``in_dims`` (per argument an int, None, or a pytree of them matching
+            the argument); default: the differentiated arguments are shared (None), every
+            other argument is batched on dim 0.
         chunk_size: examples per vmap chunk (bounds memory; None: all at once). Each chunk's
             gradients are written into one result allocated from the first chunk's, so the
             peak is the result plus one chunk's working set (vmap's own ``chunk_size`` holds
@@ -86,7 +87,7 @@ def per_sample_grad(
     grad_fn = tf.grad(fn, argnums=argnums)
 
     def batched(*args: Any) -> Any:
-        dims: int | tuple[int | None, ...]
+        dims: int | tuple[Any, ...]
         if in_dims is None:
             dims = tuple(None if i in nums else 0 for i in range(len(args)))
         else:
