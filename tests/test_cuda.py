@@ -11,8 +11,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+import funcloss as fl
 from funcloss._bench.cases import Sampler
 
 from .harness import value_and_grads
@@ -73,3 +75,80 @@ def test_out_of_range_values_fail_on_the_device(name: str, library: str) -> None
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode != 0
     assert "RuntimeError" in result.stderr or "AcceleratorError" in result.stderr, result.stderr[-2000:]
+
+
+def _ctc_step(
+    fn: Callable[..., Tensor], logits: Tensor, targets: Tensor, in_len: Tensor, tgt_len: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Value and gradient with respect to the logits (through log_softmax, where torch's CTC
+    backward and the true derivative agree: see TORCH_SEMANTICS.md)."""
+    x = logits.detach().requires_grad_(True)
+    loss = fn(x.log_softmax(2), targets, in_len, tgt_len, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss.detach(), grad
+
+
+def test_ctc_replays_a_cuda_graph_with_the_plain_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the second call of the same shapes CTC's forward and backward run as CUDA graphs:
+    each call's values (new inputs and lengths every time) equal the plain recursion's exactly,
+    its gradients up to the order of an atomic summation, and torch's within rounding."""
+    from funcloss import _graphs
+
+    _graphs.clear()
+    gen = torch.Generator().manual_seed(0)
+    steps, batch, classes, labels = 50, 4, 6, 8
+    for call in range(4):
+        logits = torch.randn(steps, batch, classes, generator=gen).cuda()
+        targets = torch.randint(1, classes, (batch, labels), generator=gen).cuda()
+        in_len = torch.randint(steps // 2, steps + 1, (batch,), generator=gen)
+        in_len = in_len.index_fill(0, torch.tensor([0]), steps).cuda()  # the longest: the shapes stay
+        tgt_len = torch.randint(0, labels + 1, (batch,), generator=gen).cuda()
+        graphed = _ctc_step(fl.ctc_loss, logits, targets, in_len, tgt_len)
+        monkeypatch.setattr(_graphs, "enabled", False)
+        plain = _ctc_step(fl.ctc_loss, logits, targets, in_len, tgt_len)
+        monkeypatch.setattr(_graphs, "enabled", True)
+        assert torch.equal(graphed[0], plain[0]), call
+        # The gradient's scatter is an atomic index_add_ on CUDA: equal up to its summation order.
+        torch.testing.assert_close(graphed[1], plain[1], rtol=1e-6, atol=1e-7)
+        theirs = _ctc_step(F.ctc_loss, logits, targets, in_len, tgt_len)
+        torch.testing.assert_close(graphed, theirs, atol=1e-4, rtol=1e-4)
+    assert len(_graphs._graphs) == 2, "the forward and the backward kept as graphs"
+
+
+def test_ctc_recursions_inside_a_users_cuda_graph_run_plainly() -> None:
+    """Inside a capture of someone else's (``torch.compile(mode="reduce-overhead")`` runs the
+    compiled CTC operator so) the recursions record their plain kernels into that graph, a
+    capture inside a capture being impossible, and read nothing on the host: the replays
+    compute the forward and the gradient for new inputs."""
+    from funcloss import _graphs
+    from funcloss.losses import _sequence
+
+    _graphs.clear()
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.randint(1, 5, (3, 4), generator=gen).cuda()
+    in_len, tgt_len = torch.tensor([20, 15, 9]).cuda(), torch.tensor([4, 2, 3]).cuda()
+    ext, skip = _sequence._extended(targets, 0, torch.float32)
+    static = torch.randn(20, 3, 5, generator=gen).log_softmax(2).cuda()
+    weights = torch.ones(3, device="cuda")
+
+    def both() -> tuple[Tensor, Tensor]:
+        ll, padded = _sequence._CTCFunction.forward(static, ext, skip, in_len, tgt_len)
+        return ll, _sequence._ctc_grad(weights, static, ext, skip, in_len, tgt_len, ll, padded)
+
+    side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        both()  # warm up
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ll, grad = both()
+    assert not _graphs._graphs, "no graph of funcloss's own inside the user's"
+    fresh = torch.randn(20, 3, 5, generator=gen).log_softmax(2).cuda()
+    static.copy_(fresh)
+    graph.replay()
+    x = fresh.clone().requires_grad_(True)
+    theirs = -F.ctc_loss(x, targets, in_len, tgt_len, reduction="none")
+    torch.testing.assert_close(ll, theirs.detach())
+    (expected,) = torch.autograd.grad(fl.ctc_loss(x, targets, in_len, tgt_len, reduction="sum"), x)
+    torch.testing.assert_close(-grad, expected)

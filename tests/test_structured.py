@@ -375,6 +375,29 @@ def test_ctc_finite_differences_agree_with_gradient() -> None:
     assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ctc_gradient_checking_every_step_equals_the_gradient_from_the_lengths(device: str) -> None:
+    """The backward without a host read of the lengths (every step checks for sequences ending
+    there: what CUDA runs, and records as a graph) gives the gradient of the one that reads
+    which steps to check (bit for bit on the CPU), lengths ragged and some zero."""
+    from funcloss.losses import _sequence
+
+    gen = torch.Generator().manual_seed(5)
+    steps, batch, classes, labels = 30, 6, 7, 5
+    log_probs = torch.randn(steps, batch, classes, generator=gen, dtype=D).log_softmax(2).to(device)
+    targets = torch.randint(1, classes, (batch, labels), generator=gen).to(device)
+    in_len = torch.tensor([30, 1, 17, 17, 0, 29], device=device)
+    tgt_len = torch.tensor([5, 0, 4, 5, 0, 2], device=device)
+    ext, skip = _sequence._extended(targets, 0, D)
+    ll, padded = _sequence._ctc_forward(log_probs, ext, skip, in_len, tgt_len)
+    grad_ll = torch.randn(batch, generator=gen, dtype=D).to(device)
+    args = (grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded)
+    (every,) = _sequence._ctc_grad_every_step(*args)
+    from_lengths = _sequence._ctc_grad_from(*args, starting=set((in_len - 1).tolist()))
+    torch.testing.assert_close(every, from_lengths, rtol=1e-12, atol=1e-12)  # CUDA's index_add_ is atomic
+    assert every.abs().sum() > 0
+
+
 def test_ctc_errors() -> None:
     logits, t, il, tl = _ctc_inputs()
     with pytest.raises(RuntimeError, match="non-empty log_probs"):

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .._autocast import float32_under_autocast
 from .._checks import check_reduction, check_values, compiled_plainly, has_tangent, is_eager, only_vmap
+from .._graphs import replayed
 from .._typing import Reduction
 
 
@@ -284,6 +285,12 @@ def _emissions(log_probs: Tensor, ext: Tensor) -> Tensor:
     return rows.index_select(1, _flat_classes(ext, classes)).view(steps, ext.size(1), batch)
 
 
+def _ctc_forward(log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor) -> tuple[Tensor, ...]:
+    """``(log-likelihoods (N,), padded state-major alphas (T, L + 2, N))``, without recording."""
+    padded = _alphas_no_grad(_emissions(log_probs, ext), skip.t().contiguous())
+    return _finish(padded[:, 2:].transpose(1, 2), in_len, tgt_len), padded
+
+
 class _CTCFunction(torch.autograd.Function):
     """The alpha recursion without autograd recording, and its gradient from the beta recursion.
 
@@ -295,8 +302,8 @@ class _CTCFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor) -> tuple[Tensor, Tensor]:
-        padded = _alphas_no_grad(_emissions(log_probs, ext), skip.t().contiguous())
-        return _finish(padded[:, 2:].transpose(1, 2), in_len, tgt_len), padded
+        ll, padded = replayed(_ctc_forward, log_probs, ext, skip, in_len, tgt_len)  # a CUDA graph on GPUs
+        return ll, padded
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
@@ -341,6 +348,32 @@ def _ctc_grad(
     """The gradient of the log-likelihoods ``ll`` (weighted by ``grad_ll``) with respect to
     ``log_probs``, from the saved alphas ``padded`` and the beta recursion: the posterior
     occupancy of each (time, label), added into its class."""
+    args = (grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded)
+    if log_probs.is_cuda:
+        # No host read of the lengths: every step checks for sequences ending there, so
+        # the recursion's launches depend on the shapes alone (a CUDA graph on GPUs).
+        return replayed(_ctc_grad_every_step, *args)[0]
+    return _ctc_grad_from(*args, starting=set((in_len - 1).tolist()))
+
+
+def _ctc_grad_every_step(*args: Tensor) -> tuple[Tensor, ...]:
+    return (_ctc_grad_from(*args, starting=None),)
+
+
+def _ctc_grad_from(
+    grad_ll: Tensor,
+    log_probs: Tensor,
+    ext: Tensor,
+    skip: Tensor,
+    in_len: Tensor,
+    tgt_len: Tensor,
+    ll: Tensor,
+    padded: Tensor,
+    *,
+    starting: set[int] | None,
+) -> Tensor:
+    """`_ctc_grad`, given the steps at which some sequence's beta recursion starts (its last
+    step), or None to check every step."""
     steps, batch, _ = log_probs.shape
     size = ext.size(1)
     dtype, device = log_probs.dtype, log_probs.device
@@ -356,7 +389,6 @@ def _ctc_grad(
     neg_t = torch.full((), neg, dtype=dtype, device=device)
     end_beta = torch.where(ends, zero, neg_t)
     last_step = in_len - 1
-    starting = set(last_step.tolist())
     skip_next = F.pad(skip, (0, 2), value=neg)[:, 2:].t().contiguous()  # may s jump to s + 2?
     betas = torch.empty_like(emit)
     torch.where(last_step == steps - 1, end_beta, neg_t, out=betas[-1])
@@ -370,7 +402,7 @@ def _ctc_grad(
         logaddexp(here, next1, out=step)
         add(next2, skip_next, out=jump)
         logaddexp(step, jump, out=beta_rows[t])
-        if t in starting:
+        if starting is None or t in starting:
             torch.where(last_step == t, end_beta, beta_rows[t], out=beta_rows[t])
     occupancy = betas.add_(padded[:, 2:]).sub_(ll)
     feasible = ll >= neg / 2
