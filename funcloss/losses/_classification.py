@@ -125,13 +125,12 @@ def _row_starts(rows: int, classes: int) -> Tensor:
     return torch.arange(0, rows * classes, classes)
 
 
-def _hits(target: Tensor, like: Tensor, class_dim: int) -> Tensor:
-    """Boolean, broadcasting to ``like``: true where the class index along ``class_dim`` is
-    the target's."""
-    classes = like.size(class_dim)
-    shape = [1] * like.dim()
+def _hits(target: Tensor, classes: int, class_dim: int) -> Tensor:
+    """Boolean, broadcasting to the scores' shape: true where the class index along
+    ``class_dim`` is the target's."""
+    shape = [1] * (target.dim() + 1)
     shape[class_dim] = classes
-    return torch.arange(classes, device=like.device).view(shape) == target.unsqueeze(class_dim)
+    return torch.arange(classes, device=target.device).view(shape) == target.unsqueeze(class_dim)
 
 
 class _GatherScatterless(torch.autograd.Function):
@@ -149,9 +148,7 @@ class _GatherScatterless(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (target,) = ctx.saved_tensors
-        shape = [1] * (grad.dim() + 1)
-        shape[ctx.class_dim] = ctx.classes
-        hit = torch.arange(ctx.classes, device=grad.device).view(shape) == target.unsqueeze(ctx.class_dim)
+        hit = _hits(target, ctx.classes, ctx.class_dim)
         return torch.where(hit, grad.unsqueeze(ctx.class_dim), 0), None, None
 
 
@@ -175,7 +172,7 @@ def _pick(logp: Tensor, target: Tensor, class_dim: int, *, after_softmax: bool =
             ((target >= 0) & (target < classes)).all(),
             f"Target out of bounds: expected class indices in [0, {classes - 1}] or ignore_index.",
         )
-        return torch.where(_hits(target, logp, class_dim), logp, 0).sum(class_dim)
+        return torch.where(_hits(target, classes, class_dim), logp, 0).sum(class_dim)
     if logp.dim() == 2 and logp.numel() >= _FLAT_PICK and logp.is_contiguous() and not on_accelerator(logp):
         # Large (N, C): pick from the flat view; index_select's backward (an index_add into a
         # flat buffer) is about twice as fast on CPU as gather's scatter into an (N, C) one.
