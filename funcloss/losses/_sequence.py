@@ -65,7 +65,9 @@ def ctc_loss(
 
     where ``K(s) = {s, s-1}``, plus ``s-2`` when ``l'_s`` is not blank and differs from
     ``l'_{s-2}``. The recursion is vectorised over the batch and the label positions; only time
-    is a loop, so autograd, ``vmap``, ``jvp`` and ``hessian`` all work.
+    is a loop, so autograd, ``vmap``, ``jvp`` and ``hessian`` all work. On CUDA, in eager mode,
+    the loops run as CUDA graphs from the second call of the same shapes on (their launches, not
+    the GPU's work, are the cost there; ``FUNCLOSS_CUDA_GRAPHS=0`` turns this off).
 
     ``"mean"`` divides each sequence's loss by its target length (at least 1), then averages
     over the batch. An impossible alignment (input too short for the target) gives ``inf``, or
