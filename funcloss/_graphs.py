@@ -40,40 +40,49 @@ def replayed(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Te
     shapes whatever their values, and read no values on the host. The outputs are fresh
     tensors (copies of the graph's own)."""
     first = inputs[0]
-    if not (
+    if not _eligible(first):
+        return fn(*inputs)
+    key = (fn, first.device, torch.is_grad_enabled(), tuple((t.shape, t.dtype, t.stride()) for t in inputs))
+    with _lock:
+        if key not in _graphs and key not in _failed:
+            if len(_seen) > _SEEN_LIMIT:
+                _seen.clear()
+            _seen[key] = _seen.get(key, 0) + 1
+        plain = key in _failed or (key not in _graphs and _seen[key] < 2)
+    if plain:
+        return fn(*inputs)
+    with _lock:  # one replay at a time: the graph's buffers are shared
+        entry = _graphs.get(key)
+        if entry is None:
+            try:
+                entry = _capture(fn, inputs)
+            except RuntimeError:
+                _failed.add(key)  # a function this cannot record: it stays plain
+                entry = None
+            else:
+                _graphs[key] = entry
+                while len(_graphs) > CACHE_SIZE:
+                    _graphs.popitem(last=False)
+        else:
+            _graphs.move_to_end(key)
+        if entry is not None:
+            graph, static_in, static_out = entry
+            for static, given in zip(static_in, inputs):
+                static.copy_(given)
+            graph.replay()
+            return tuple(out.clone() for out in static_out)
+    return fn(*inputs)
+
+
+def _eligible(first: Tensor) -> bool:
+    """Graphs are on, the data is on CUDA, and nothing records or traces this call already."""
+    return (
         enabled
         and first.is_cuda
         and not torch.cuda.is_current_stream_capturing()
         and not torch.compiler.is_compiling()
         and torch._C._functorch.peek_interpreter_stack() is None
-    ):
-        return fn(*inputs)
-    key = (fn, first.device, torch.is_grad_enabled(), tuple((t.shape, t.dtype, t.stride()) for t in inputs))
-    with _lock:
-        entry = _graphs.get(key)
-        if entry is None:
-            if key in _failed:
-                return fn(*inputs)
-            if len(_seen) > _SEEN_LIMIT:
-                _seen.clear()
-            _seen[key] = _seen.get(key, 0) + 1
-            if _seen[key] < 2:
-                return fn(*inputs)
-            try:
-                entry = _capture(fn, inputs)
-            except RuntimeError:
-                _failed.add(key)  # a function this cannot record: it stays plain
-                return fn(*inputs)
-            _graphs[key] = entry
-            while len(_graphs) > CACHE_SIZE:
-                _graphs.popitem(last=False)
-        else:
-            _graphs.move_to_end(key)
-        graph, static_in, static_out = entry
-        for static, given in zip(static_in, inputs):
-            static.copy_(given)
-        graph.replay()
-        return tuple(out.clone() for out in static_out)
+    )
 
 
 def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...]) -> _Entry:
