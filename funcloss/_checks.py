@@ -168,12 +168,11 @@ def check_values(
         return
     if callable(ok):
         ok = ok()
-    text = message if isinstance(message, str) else message()
     if device_assert and on_accelerator(ok):
-        torch._assert_async(ok.all(), text)
+        torch._assert_async(ok.all(), message if isinstance(message, str) else message())
         return
     if not bool(ok.all()):
-        raise exc(text)
+        raise exc(message if isinstance(message, str) else message())  # formatted only to raise
 
 
 def check_range(

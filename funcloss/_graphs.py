@@ -2,7 +2,9 @@
 
 On a GPU each step of a recursion is a few small kernels, and at realistic sizes the time goes
 to launching them from the host (about 1700 launches per CTC forward and backward at T=200),
-not to the GPU's work. A CUDA graph records the launches of one call and replays them as one.
+not to the GPU's work. (With Triton each recursion is one kernel, `funcloss._ctc_triton`; the
+graph then saves the launches of the dozen kernels around it.) A CUDA graph records the
+launches of one call and replays them as one.
 `replayed` captures a function the second time the same shapes (and dtypes, strides, device)
 come, and replays it from then on: the same kernels on copies of the inputs, so the values are
 those of the plain call. Shapes seen once never pay for a capture; the last `CACHE_SIZE`

@@ -78,22 +78,75 @@ def test_out_of_range_values_fail_on_the_device(name: str, library: str) -> None
 
 
 def _ctc_step(
-    fn: Callable[..., Tensor], logits: Tensor, targets: Tensor, in_len: Tensor, tgt_len: Tensor
+    fn: Callable[..., Tensor],
+    logits: Tensor,
+    targets: Tensor,
+    in_len: Tensor,
+    tgt_len: Tensor,
+    *,
+    zero_infinity: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Value and gradient with respect to the logits (through log_softmax, where torch's CTC
     backward and the true derivative agree: see TORCH_SEMANTICS.md)."""
     x = logits.detach().requires_grad_(True)
-    loss = fn(x.log_softmax(2), targets, in_len, tgt_len, reduction="sum")
+    loss = fn(x.log_softmax(2), targets, in_len, tgt_len, reduction="sum", zero_infinity=zero_infinity)
     (grad,) = torch.autograd.grad(loss, x)
     return loss.detach(), grad
 
 
-def test_ctc_replays_a_cuda_graph_with_the_plain_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From the second call of the same shapes CTC's forward and backward run as CUDA graphs:
-    each call's values (new inputs and lengths every time) equal the plain recursion's exactly,
-    its gradients up to the order of an atomic summation, and torch's within rounding."""
-    from funcloss import _graphs
+def _has_triton() -> bool:
+    from funcloss.losses import _sequence
 
+    return _sequence._triton_kernels() is not None
+
+
+@pytest.mark.skipif(not _has_triton(), reason="Triton is not installed (the CUDA-graph recursion runs instead)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("steps", "batch", "classes", "labels"),
+    [(50, 4, 6, 8), (1, 3, 4, 2), (30, 2, 5, 0), (450, 3, 20, 200), (200, 16, 40, 30)],
+)
+def test_ctc_triton_kernels_equal_the_torch_recursion(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, steps: int, batch: int, classes: int, labels: int
+) -> None:
+    """With Triton, CTC's alpha and beta recursions on CUDA are one kernel each: their loss and
+    gradient equal the torch recursion's within rounding (inputs of zero length, empty targets,
+    infeasible alignments, 401 states: more than one warp per sequence) and torch's kernel's."""
+    from funcloss import _graphs
+    from funcloss.losses import _sequence
+
+    gen = torch.Generator().manual_seed(steps)
+    logits = torch.randn(steps, batch, classes, generator=gen, dtype=dtype).cuda()
+    targets = torch.randint(1, classes, (batch, labels), generator=gen).cuda()
+    in_len = torch.randint(0, steps + 1, (batch,), generator=gen)
+    in_len = in_len.index_fill(0, torch.tensor([0]), steps).cuda()
+    tgt_len = torch.randint(0, labels + 1, (batch,), generator=gen).cuda()
+    assert _sequence._triton(logits) is not None
+    kernels = _ctc_step(fl.ctc_loss, logits, targets, in_len, tgt_len, zero_infinity=True)
+    monkeypatch.setattr(_sequence, "triton_enabled", False)
+    monkeypatch.setattr(_graphs, "enabled", False)
+    plain = _ctc_step(fl.ctc_loss, logits, targets, in_len, tgt_len, zero_infinity=True)
+    # Rounding: alphas of a few thousand nats keep ~4 (float32) or ~13 (float64) decimals, and
+    # the three-way log-sum-exp rounds differently from two logaddexps over hundreds of steps.
+    rtol, atol = (1e-9, 1e-10) if dtype == torch.float64 else (1e-4, 5e-4)
+    torch.testing.assert_close(kernels, plain, rtol=rtol, atol=atol)
+    theirs = _ctc_step(F.ctc_loss, logits, targets, in_len, tgt_len, zero_infinity=True)
+    torch.testing.assert_close(kernels, theirs, rtol=rtol, atol=atol)
+    # Infeasible alignments: the same infinite losses without zero_infinity.
+    monkeypatch.setattr(_sequence, "triton_enabled", True)
+    loss = fl.ctc_loss(logits.log_softmax(2), targets, in_len, tgt_len, reduction="none")
+    torch.testing.assert_close(loss, F.ctc_loss(logits.log_softmax(2), targets, in_len, tgt_len, reduction="none"))
+
+
+def test_ctc_replays_a_cuda_graph_with_the_plain_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without Triton, from the second call of the same shapes CTC's forward and backward run
+    as CUDA graphs: each call's values (new inputs and lengths every time) equal the plain
+    recursion's exactly, its gradients up to the order of an atomic summation, and torch's
+    within rounding."""
+    from funcloss import _graphs
+    from funcloss.losses import _sequence
+
+    monkeypatch.setattr(_sequence, "triton_enabled", False)
     _graphs.clear()
     gen = torch.Generator().manual_seed(0)
     steps, batch, classes, labels = 50, 4, 6, 8
@@ -115,14 +168,18 @@ def test_ctc_replays_a_cuda_graph_with_the_plain_values(monkeypatch: pytest.Monk
     assert len(_graphs._graphs) == 2, "the forward and the backward kept as graphs"
 
 
-def test_ctc_recursions_inside_a_users_cuda_graph_run_plainly() -> None:
+@pytest.mark.parametrize("triton", [True, False], ids=["triton", "torch-recursion"])
+def test_ctc_recursions_inside_a_users_cuda_graph_run_plainly(monkeypatch: pytest.MonkeyPatch, triton: bool) -> None:
     """Inside a capture of someone else's (``torch.compile(mode="reduce-overhead")`` runs the
-    compiled CTC operator so) the recursions record their plain kernels into that graph, a
-    capture inside a capture being impossible, and read nothing on the host: the replays
-    compute the forward and the gradient for new inputs."""
+    compiled CTC operator so) the recursions record their plain kernels (or the Triton ones)
+    into that graph, a capture inside a capture being impossible, and read nothing on the
+    host: the replays compute the forward and the gradient for new inputs."""
     from funcloss import _graphs
     from funcloss.losses import _sequence
 
+    if triton and not _has_triton():
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(_sequence, "triton_enabled", triton)
     _graphs.clear()
     gen = torch.Generator().manual_seed(1)
     targets = torch.randint(1, 5, (3, 4), generator=gen).cuda()

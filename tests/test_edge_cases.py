@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import funcloss as fl
 from funcloss._bench.cases import Sampler
+from funcloss._checks import check_values
 from funcloss.losses import _fused
 
 from .harness import quiet_call
@@ -866,3 +867,20 @@ def test_bce_weight_may_not_enlarge_the_output(name: str, key: str) -> None:
         torch.testing.assert_close(
             getattr(fl, name)(p, y, reduction="none", **fine), getattr(F, name)(p, y, reduction="none", **fine)
         )
+
+
+def test_value_check_messages_are_formatted_only_to_raise() -> None:
+    """A message function may read values (a length sum): on an accelerator that is a host
+    synchronisation, so it runs only when the check fails."""
+    calls: list[int] = []
+
+    def message() -> str:
+        calls.append(1)
+        return "expected every value to hold"
+
+    check_values(torch.tensor([True, True]), ValueError, message)
+    check_values(lambda: torch.tensor([True]), ValueError, message)
+    assert calls == []
+    with pytest.raises(ValueError, match="expected every value to hold"):
+        check_values(torch.tensor([True, False]), ValueError, message)
+    assert calls == [1]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+import os
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,32 @@ from .._autocast import float32_under_autocast
 from .._checks import check_reduction, check_values, compiled_plainly, has_tangent, is_eager, only_vmap
 from .._graphs import replayed
 from .._typing import Reduction
+
+# Whether CUDA tensors take the Triton kernels of `funcloss._ctc_triton` where Triton is
+# installed (off with the environment variable FUNCLOSS_TRITON=0, read at import).
+triton_enabled = os.environ.get("FUNCLOSS_TRITON", "1") != "0"
+
+
+class _Kernels(Protocol):
+    def alphas(self, emit: Tensor, skip: Tensor, neg: float) -> Tensor: ...
+
+    def betas(self, emit: Tensor, skip_next: Tensor, in_len: Tensor, tgt_len: Tensor, neg: float) -> Tensor: ...
+
+
+@functools.cache
+def _triton_kernels() -> _Kernels | None:
+    try:
+        from .. import _ctc_triton
+    except ImportError:  # no Triton: the torch recursion, as CUDA graphs
+        return None
+    return _ctc_triton
+
+
+def _triton(x: Tensor) -> _Kernels | None:
+    """The Triton recursions for ``x`` (CUDA, float32 or float64), or None."""
+    if not triton_enabled or not x.is_cuda or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return _triton_kernels()
 
 
 def _neg(dtype: torch.dtype) -> float:
@@ -66,8 +94,10 @@ def ctc_loss(
     where ``K(s) = {s, s-1}``, plus ``s-2`` when ``l'_s`` is not blank and differs from
     ``l'_{s-2}``. The recursion is vectorised over the batch and the label positions; only time
     is a loop, so autograd, ``vmap``, ``jvp`` and ``hessian`` all work. On CUDA, in eager mode,
-    the loops run as CUDA graphs from the second call of the same shapes on (their launches, not
-    the GPU's work, are the cost there; ``FUNCLOSS_CUDA_GRAPHS=0`` turns this off).
+    the alpha and beta recursions are one Triton kernel each where Triton is installed (torch's
+    CUDA wheels bring it; ``FUNCLOSS_TRITON=0`` turns this off), and they run with the few
+    kernels around them as CUDA graphs from the second call of the same shapes on (launches,
+    not the GPU's work, are the cost there; ``FUNCLOSS_CUDA_GRAPHS=0`` turns this off).
 
     ``"mean"`` divides each sequence's loss by its target length (at least 1), then averages
     over the batch. An impossible alignment (input too short for the target) gives ``inf``, or
@@ -293,6 +323,16 @@ def _ctc_forward(log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, t
     return _finish(padded[:, 2:].transpose(1, 2), in_len, tgt_len), padded
 
 
+def _ctc_forward_triton(
+    log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor
+) -> tuple[Tensor, ...]:
+    """`_ctc_forward` with the recursion as one Triton kernel."""
+    kernels = _triton(log_probs)
+    assert kernels is not None, "the Triton recursion for a tensor it does not take"
+    padded = kernels.alphas(_emissions(log_probs, ext), skip.t().contiguous(), _neg(log_probs.dtype))
+    return _finish(padded[:, 2:].transpose(1, 2), in_len, tgt_len), padded
+
+
 class _CTCFunction(torch.autograd.Function):
     """The alpha recursion without autograd recording, and its gradient from the beta recursion.
 
@@ -304,7 +344,10 @@ class _CTCFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor) -> tuple[Tensor, Tensor]:
-        ll, padded = replayed(_ctc_forward, log_probs, ext, skip, in_len, tgt_len)  # a CUDA graph on GPUs
+        # On CUDA a CUDA graph from the second call of the same shapes on (see `_graphs`): the
+        # recursion's launches, or the Triton kernel's with the few around it.
+        forward = _ctc_forward_triton if _triton(log_probs) is not None else _ctc_forward
+        ll, padded = replayed(forward, log_probs, ext, skip, in_len, tgt_len)
         return ll, padded
 
     @staticmethod
@@ -351,6 +394,8 @@ def _ctc_grad(
     ``log_probs``, from the saved alphas ``padded`` and the beta recursion: the posterior
     occupancy of each (time, label), added into its class."""
     args = (grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded)
+    if _triton(log_probs) is not None:
+        return replayed(_ctc_grad_triton, *args)[0]
     if log_probs.is_cuda:
         # No host read of the lengths: every step checks for sequences ending there, so
         # the recursion's launches depend on the shapes alone (a CUDA graph on GPUs).
@@ -360,6 +405,22 @@ def _ctc_grad(
 
 def _ctc_grad_every_step(*args: Tensor) -> tuple[Tensor, ...]:
     return (_ctc_grad_from(*args, starting=None),)
+
+
+def _ctc_grad_triton(*args: Tensor) -> tuple[Tensor, ...]:
+    """`_ctc_grad` (same arguments) with the beta recursion as one Triton kernel."""
+    grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded = args
+    kernels = _triton(log_probs)
+    assert kernels is not None, "the Triton recursion for a tensor it does not take"
+    emit = _emissions(log_probs, ext)
+    betas = kernels.betas(emit, _skip_next(skip), in_len, tgt_len, _neg(log_probs.dtype))
+    return (_posterior_grad(grad_ll, log_probs, ext, ll, padded, betas),)
+
+
+def _skip_next(skip: Tensor) -> Tensor:
+    """``(L, N)``: the additive mask of jumps from state ``s`` to ``s + 2`` (``skip`` is that of
+    jumps into a state, ``(N, L)``)."""
+    return F.pad(skip, (0, 2), value=_neg(skip.dtype))[:, 2:].t().contiguous()
 
 
 def _ctc_grad_from(
@@ -391,7 +452,7 @@ def _ctc_grad_from(
     neg_t = torch.full((), neg, dtype=dtype, device=device)
     end_beta = torch.where(ends, zero, neg_t)
     last_step = in_len - 1
-    skip_next = F.pad(skip, (0, 2), value=neg)[:, 2:].t().contiguous()  # may s jump to s + 2?
+    skip_next = _skip_next(skip)
     betas = torch.empty_like(emit)
     torch.where(last_step == steps - 1, end_beta, neg_t, out=betas[-1])
     ahead = torch.full((size + 2, batch), neg, dtype=dtype, device=device)
@@ -406,16 +467,25 @@ def _ctc_grad_from(
         logaddexp(step, jump, out=beta_rows[t])
         if starting is None or t in starting:
             torch.where(last_step == t, end_beta, beta_rows[t], out=beta_rows[t])
+    return _posterior_grad(grad_ll, log_probs, ext, ll, padded, betas)
+
+
+def _posterior_grad(
+    grad_ll: Tensor, log_probs: Tensor, ext: Tensor, ll: Tensor, padded: Tensor, betas: Tensor
+) -> Tensor:
+    """The gradient from the alphas ``padded`` and the ``betas``: each (step, state)'s posterior
+    occupancy ``exp(alpha + beta - ll)``, weighted by ``grad_ll`` and added into its class."""
+    steps, batch, classes = log_probs.shape
+    size = ext.size(1)
     occupancy = betas.add_(padded[:, 2:]).sub_(ll)
-    feasible = ll >= neg / 2
+    feasible = ll >= _neg(ll.dtype) / 2
     # exp(x) as 2^(x log2 e): the same to rounding, and several times faster on CPU where
     # most states are unreachable (exp's vectorised path falls back for x far below -87).
-    posterior = torch.where(feasible, occupancy.mul_(_LOG2E).exp2_(), zero)
+    posterior = torch.where(feasible, occupancy.mul_(_LOG2E).exp2_(), torch.zeros((), dtype=ll.dtype, device=ll.device))
     # Each state's posterior added into its class's column of the (T, N * C) view.
     weights = (grad_ll * posterior).reshape(steps, size * batch)
-    flat = torch.zeros((steps, batch * log_probs.size(2)), dtype=dtype, device=device)
-    grad = flat.index_add_(1, _flat_classes(ext, log_probs.size(2)), weights).view(log_probs.shape)
-    return grad
+    flat = torch.zeros((steps, batch * classes), dtype=ll.dtype, device=ll.device)
+    return flat.index_add_(1, _flat_classes(ext, classes), weights).view(log_probs.shape)
 
 
 # Under torch.compile the recursion runs as one opaque operator: traced, its Python time loop
