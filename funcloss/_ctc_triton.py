@@ -20,6 +20,7 @@ References:
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -87,22 +88,26 @@ def _launch(states: int) -> tuple[int, int]:
 def alphas(emit: Tensor, skip: Tensor, neg: float) -> Tensor:
     """All alphas ``(T, L + 2, N)`` (two leading rows of ``neg``) from the emissions ``(T, L, N)``
     and the additive skip mask ``(L, N)``, both contiguous."""
+    emit, skip = emit.contiguous(), skip.contiguous()
     steps, size, batch = emit.shape
     out = emit.new_empty((steps, size + 2, batch))
     out[:, :2].fill_(neg)
     block, warps = _launch(size)
-    _alphas_kernel[(batch,)](emit, skip, out, steps, size, batch, neg, BLOCK=block, num_warps=warps)
+    with torch.cuda.device(emit.device):  # Triton launches on the current device
+        _alphas_kernel[(batch,)](emit, skip, out, steps, size, batch, neg, BLOCK=block, num_warps=warps)
     return out
 
 
 def betas(emit: Tensor, skip_next: Tensor, in_len: Tensor, tgt_len: Tensor, neg: float) -> Tensor:
     """All betas ``(T, L, N)`` (the emission at their own step excluded) from the emissions
     ``(T, L, N)``, the additive mask of jumps to ``s + 2`` ``(L, N)`` and the lengths."""
+    emit, skip_next, in_len, tgt_len = (t.contiguous() for t in (emit, skip_next, in_len, tgt_len))
     steps, size, batch = emit.shape
     out = emit.new_empty((steps, size, batch))
     scratch = emit.new_empty((2, size, batch))
     block, warps = _launch(size)
-    _betas_kernel[(batch,)](
-        emit, skip_next, in_len, tgt_len, out, scratch, steps, size, batch, neg, BLOCK=block, num_warps=warps
-    )
+    with torch.cuda.device(emit.device):
+        _betas_kernel[(batch,)](
+            emit, skip_next, in_len, tgt_len, out, scratch, steps, size, batch, neg, BLOCK=block, num_warps=warps
+        )
     return out

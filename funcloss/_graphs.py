@@ -16,6 +16,7 @@ Inside someone else's graph capture (``torch.compile(mode="reduce-overhead")``, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -44,6 +45,13 @@ def replayed(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Te
     first = inputs[0]
     if not _eligible(first):
         return fn(*inputs)
+    # Capture and replay on the data's device, whichever device is current.
+    with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
+        return _replayed(fn, inputs)
+
+
+def _replayed(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    first = inputs[0]
     key = (fn, first.device, torch.is_grad_enabled(), tuple((t.shape, t.dtype, t.stride()) for t in inputs))
     with _lock:
         if key not in _graphs and key not in _failed:
@@ -78,13 +86,11 @@ def replayed(fn: Callable[..., tuple[Tensor, ...]], *inputs: Tensor) -> tuple[Te
 
 def _eligible(first: Tensor) -> bool:
     """Graphs are on, the data is on CUDA, and nothing records or traces this call already."""
-    return (
-        enabled
-        and first.is_cuda
-        and not torch.cuda.is_current_stream_capturing()
-        and not torch.compiler.is_compiling()
-        and torch._C._functorch.peek_interpreter_stack() is None
-    )
+    if not (enabled and first.is_cuda):
+        return False
+    with torch.cuda.device(first.device):
+        capturing = torch.cuda.is_current_stream_capturing()
+    return not capturing and not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is None
 
 
 def _capture(fn: Callable[..., tuple[Tensor, ...]], inputs: tuple[Tensor, ...]) -> _Entry:

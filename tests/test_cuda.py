@@ -111,7 +111,8 @@ def test_ctc_triton_kernels_equal_the_torch_recursion(
 ) -> None:
     """With Triton, CTC's alpha and beta recursions on CUDA are one kernel each: their loss and
     gradient equal the torch recursion's within rounding (inputs of zero length, empty targets,
-    infeasible alignments, 401 states: more than one warp per sequence) and torch's kernel's."""
+    infeasible alignments, 401 states: more than one warp per sequence, lengths given as strided
+    views) and torch's kernel's."""
     from funcloss import _graphs
     from funcloss.losses import _sequence
 
@@ -122,7 +123,10 @@ def test_ctc_triton_kernels_equal_the_torch_recursion(
     in_len = in_len.index_fill(0, torch.tensor([0]), steps).cuda()
     tgt_len = torch.randint(0, labels + 1, (batch,), generator=gen).cuda()
     assert _sequence._triton(logits) is not None
-    kernels = _ctc_step(fl.ctc_loss, logits, targets, in_len, tgt_len, zero_infinity=True)
+    # Lengths as strided views: the kernels index them as given.
+    in_view, tgt_view = torch.stack([in_len, in_len.flip(0)], 1)[:, 0], torch.stack([tgt_len, tgt_len], 1)[:, 0]
+    assert not in_view.is_contiguous()
+    kernels = _ctc_step(fl.ctc_loss, logits, targets, in_view, tgt_view, zero_infinity=True)
     monkeypatch.setattr(_sequence, "triton_enabled", False)
     monkeypatch.setattr(_graphs, "enabled", False)
     plain = _ctc_step(fl.ctc_loss, logits, targets, in_len, tgt_len, zero_infinity=True)
