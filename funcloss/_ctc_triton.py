@@ -26,7 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+# Lengths and sizes vary from batch to batch (speech): not specialised on, so a new T, L or N
+# does not compile a new kernel.
+@triton.jit(do_not_specialize=["T", "L", "N"])  # type: ignore[untyped-decorator]
 def _alphas_kernel(emit, skip, out, T, L, N, NEG, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     n = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK)
@@ -48,7 +50,7 @@ def _alphas_kernel(emit, skip, out, T, L, N, NEG, BLOCK: tl.constexpr):  # type:
         tl.store(out + t * step_out + (s + 2) * N + n, a, mask=valid)
 
 
-@triton.jit  # type: ignore[untyped-decorator]
+@triton.jit(do_not_specialize=["T", "L", "N"])  # type: ignore[untyped-decorator]
 def _betas_kernel(  # type: ignore[no-untyped-def]
     emit, skip_next, in_len, tgt_len, betas, scratch, T, L, N, NEG, BLOCK: tl.constexpr
 ):
