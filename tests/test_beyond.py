@@ -118,18 +118,24 @@ def rwwce_reference(
     reduction: str = "mean",
 ) -> Tensor:
     """Ho and Wookey's loss with one-hot targets and cost matrices: ``-(Y diag(a)) . log P -
-    (Y B) . log(1 - P)`` summed over classes."""
+    (Y B) . log(1 - P)`` summed over classes, evaluated in float64 (literally, ``log(1 - P)``
+    loses all of float32's digits as ``P`` nears 1) and returned in the input's dtype."""
+    dtype, input = input.dtype, input.double()
     class_dim = 0 if input.dim() == 1 else 1
     classes = input.size(class_dim)
     keep = target != ignore_index
     probs = torch.softmax(input.movedim(class_dim, -1), -1)
-    onehot = F.one_hot(torch.where(keep, target, 0), classes).to(input.dtype) * keep.unsqueeze(-1)
-    a = torch.ones(classes, dtype=input.dtype, device=input.device) if fn_weight is None else fn_weight
-    b = torch.zeros(classes, classes, dtype=input.dtype, device=input.device) if fp_weight is None else fp_weight
+    onehot = F.one_hot(torch.where(keep, target, 0), classes).double() * keep.unsqueeze(-1)
+    a = torch.ones(classes, dtype=input.dtype, device=input.device) if fn_weight is None else fn_weight.double()
+    b = (
+        torch.zeros(classes, classes, dtype=input.dtype, device=input.device)
+        if fp_weight is None
+        else fp_weight.double()
+    )
     values = -(onehot * a * torch.log(probs) + (onehot @ b) * torch.log(1 - probs)).sum(-1)
     if reduction == "mean":
-        return _mean_over(values, keep.sum())
-    return values.sum() if reduction == "sum" else values
+        return _mean_over(values, keep.sum()).to(dtype)
+    return (values.sum() if reduction == "sum" else values).to(dtype)
 
 
 # --------------------------------------------------------------------------- the rows
