@@ -31,6 +31,7 @@ from torch import Tensor
 @triton.jit(do_not_specialize=["T", "L", "N"])  # type: ignore[untyped-decorator]
 def _alphas_kernel(emit, skip, out, T, L, N, NEG, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
     n = tl.program_id(0).to(tl.int64)
+    N = tl.cast(N, tl.int64)  # offsets in 64 bits: T * (L + 2) * N may pass 2^31
     s = tl.arange(0, BLOCK)
     valid = s < L
     step_in = L * N  # one step of the emissions
@@ -55,6 +56,7 @@ def _betas_kernel(  # type: ignore[no-untyped-def]
     emit, skip_next, in_len, tgt_len, betas, scratch, T, L, N, NEG, BLOCK: tl.constexpr
 ):
     n = tl.program_id(0).to(tl.int64)
+    N = tl.cast(N, tl.int64)
     s = tl.arange(0, BLOCK)
     valid = s < L
     step = L * N
