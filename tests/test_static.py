@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,12 +16,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TYPINGS = ROOT / "typings"
 
 
-# One cache for every mypy run of the session: torch's stubs are read once.
-CACHE = tempfile.mkdtemp(prefix="funcloss-mypy-")
+# One cache for every mypy run of the module, so torch's stubs are read once. It lives under
+# pytest's own temporary root (old runs' roots are pruned), never in the checkout.
+_CACHE: list[str] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mypy_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    cache = tmp_path_factory.mktemp("mypy-cache")
+    _CACHE.append(str(cache))
+    yield
+    _CACHE.remove(str(cache))
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 def _mypy(*args: str) -> tuple[str, int]:
-    out, err, status = mypy_api.run([*args, "--cache-dir", CACHE])
+    out, err, status = mypy_api.run([*args, "--cache-dir", _CACHE[-1]])
     return out + err, status
 
 
