@@ -319,6 +319,25 @@ def test_compiled_criterion_has_no_graph_break() -> None:
     torch.testing.assert_close(compiled(x, y), crit(x, y))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: fnn.MSELoss(),
+        lambda: fnn.AdaptiveLogSoftmaxWithLoss(8, 20, [5]),
+        lambda: fnn.Criterion(fl.mse_loss),
+        lambda: nn.Sequential(nn.Linear(2, 2), fnn.L1Loss()),  # a criterion inside a model
+    ],
+    ids=["criterion", "adaptive", "wrapper", "submodule"],
+)
+def test_torchscript_is_refused_with_the_way_out(make: Callable[[], nn.Module]) -> None:
+    """funcloss is not TorchScript: scripting a criterion, or a model holding one, names the
+    criterion and the alternatives instead of failing on an annotation."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own deprecation
+        with pytest.raises(RuntimeError, match=r"not TorchScript.*torch\.compile or torch\.export"):
+            torch.jit.script(make())
+
+
 def test_criterion_wraps_any_function() -> None:
     """Write a function, wrap it: options become configuration, tensors become buffers."""
 

@@ -69,8 +69,22 @@ def _legacy_reduction(size_average: bool | None, reduce: bool | None) -> str:
     return reduction
 
 
+def _refuse_torchscript(module: nn.Module) -> nn.Module:
+    """``torch.jit.script`` calls ``__prepare_scriptable__`` on a module and each submodule
+    before compiling: say plainly that funcloss is not TorchScript, instead of TorchScript's
+    complaint about the first annotation it cannot read."""
+    raise RuntimeError(
+        f"torch.jit.script(...): expected a TorchScript-compatible module, got funcloss's {type(module).__name__}. "
+        "funcloss's criteria are Python functions of tensors and are not TorchScript (torch.jit.script is "
+        "deprecated). Use torch.compile or torch.export, which trace them into one graph, or script torch.nn's "
+        "criterion of the same name."
+    )
+
+
 class _Loss(nn.Module):
     """Configuration only: a reduction, options in `_options`, tensors as buffers."""
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     _options: tuple[str, ...] = ()
     _allowed: tuple[str, ...] = _REDUCTIONS
@@ -635,6 +649,8 @@ class AdaptiveLogSoftmaxWithLoss(nn.Module):
     ``torch.nn.AdaptiveLogSoftmaxWithLoss``; `log_prob` and `predict` as there.
     """
 
+    __prepare_scriptable__ = _refuse_torchscript
+
     def __init__(
         self,
         in_features: int,
@@ -756,6 +772,8 @@ class Criterion(nn.Module):
     A loss assembled with the combinators, or any function of yours, works the same; to pickle
     the criterion, the function must be importable (not a lambda).
     """
+
+    __prepare_scriptable__ = _refuse_torchscript
 
     def __init__(self, loss_fn: Callable[..., Tensor], **options: Any) -> None:
         super().__init__()
