@@ -131,10 +131,12 @@ class Conflicts:
 
     def __str__(self) -> str:
         width = max(len(n) for n in self.names)
-        lines = [f"{'':<{width}}  " + "  ".join(f"{n[:10]:>10}" for n in self.names)]
+        # Each column as wide as its term's name (at least a value's width): names are never cut.
+        cols = [max(len(n), 6) for n in self.names]
+        lines = [f"{'':<{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(self.names, cols))]
         for i, a in enumerate(self.names):
             lines.append(
-                f"{a:<{width}}  " + "  ".join(f"{float(self.cosine[i, j]):>10.3f}" for j in range(len(self.names)))
+                f"{a:<{width}}  " + "  ".join(f"{float(self.cosine[i, j]):>{w}.3f}" for j, w in enumerate(cols))
             )
         return "cosine similarity of term gradients\n" + "\n".join(lines)
 
@@ -191,11 +193,17 @@ class SignReport:
     rows: list[dict[str, Any]]
 
     def __str__(self) -> str:
-        header = f"{'parameter':<28} {'shape':<14} {'+ mean':>7} {'- mean':>7} {'0 mean':>7} {'agree':>7} {'GSNR':>9}"
+        # The name and shape columns are as wide as their longest entry: nothing is cut.
+        shapes = [str(tuple(r["shape"])) for r in self.rows]
+        nw = max([len("parameter"), *(len(r["name"]) for r in self.rows)])
+        sw = max([len("shape"), *(len(s) for s in shapes)])
+        header = (
+            f"{'parameter':<{nw}} {'shape':<{sw}} {'+ mean':>7} {'- mean':>7} {'0 mean':>7} {'agree':>7} {'GSNR':>9}"
+        )
         lines = [header, "-" * len(header)]
-        for r in self.rows:
+        for r, shape in zip(self.rows, shapes):
             lines.append(
-                f"{r['name'][:28]:<28} {str(tuple(r['shape']))[:14]:<14} {r['positive']:>7.1%} {r['negative']:>7.1%} "
+                f"{r['name']:<{nw}} {shape:<{sw}} {r['positive']:>7.1%} {r['negative']:>7.1%} "
                 f"{r['zero']:>7.1%} {r['agreement']:>7.3f} {r['gsnr']:>9.3g}"
             )
         return "\n".join(lines)

@@ -417,6 +417,32 @@ def test_sign_functions_accept_grad_stats() -> None:
     assert "0.weight" in report and "GSNR" in report
 
 
+def test_printed_tables_keep_long_names_whole_and_aligned() -> None:
+    """Deep models have long parameter names (``encoder.layers.11.self_attn.out_proj.weight``)
+    and shapes; the printed report and conflict table show them in full, columns aligned."""
+    name = "encoder.layers.11.self_attn.out_proj.weight"
+    g = {name: torch.randn(4, 3, 2, 5, 7, dtype=D), "b": torch.randn(4, 3, dtype=D)}
+    rows = [
+        {
+            "name": k,
+            "shape": tuple(v.shape[1:]),
+            "positive": 0.5,
+            "negative": 0.5,
+            "zero": 0.0,
+            "agreement": 0.1,
+            "gsnr": 0.2,
+        }
+        for k, v in g.items()
+    ]
+    lines = str(fl.SignReport(rows)).splitlines()
+    assert lines[2].startswith(name + " ") and "(3, 2, 5, 7)" in lines[2]
+    assert len({len(line) for line in lines}) == 1  # every row as wide as the header: aligned
+    long_terms = {"reconstruction_loss": lambda p: p["w"].sum(), "kl_divergence_term": lambda p: -p["w"].sum()}
+    table = str(fl.gradient_conflicts(long_terms, {"w": torch.ones(3, dtype=D)})).splitlines()
+    assert "reconstruction_loss" in table[1] and "kl_divergence_term" in table[1]
+    assert len({len(line) for line in table[1:]}) == 1
+
+
 def test_gradient_conflicts_between_terms() -> None:
     a = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=D)
     params = {"w": torch.tensor([0.5, 0.5, 0.5, 0.5], dtype=D)}
