@@ -14,6 +14,7 @@ import torch
 import torch.func as tf
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -75,6 +76,9 @@ def per_sample_grad(
         randomness: vmap's randomness for dropout and friends: ``"error"`` (default),
             ``"different"`` (a fresh draw per example) or ``"same"``.
 
+    When every tensor argument is on the CPU, ``scaled_dot_product_attention`` takes its math
+    form during the call: torch's fused CPU kernel has no vmap rule (it would run per example).
+
     Example:
         >>> g = per_sample_grad(lambda p, x, y: fl.mse_loss(x @ p["w"], y))(params, xs, ys)
         >>> g["w"].shape  # (B, *w.shape)
@@ -92,11 +96,23 @@ def per_sample_grad(
             dims = tuple(None if i in nums else 0 for i in range(len(args)))
         else:
             dims = in_dims
-        if chunk_size is None:
-            return tf.vmap(grad_fn, in_dims=dims, randomness=randomness)(*args)
-        return _in_chunks(grad_fn, args, dims, chunk_size, randomness)
+        with _batchable_attention(args):
+            if chunk_size is None:
+                return tf.vmap(grad_fn, in_dims=dims, randomness=randomness)(*args)
+            return _in_chunks(grad_fn, args, dims, chunk_size, randomness)
 
     return batched
+
+
+def _batchable_attention(args: tuple[Any, ...]) -> contextlib.AbstractContextManager[object]:
+    """On the CPU, attention (``scaled_dot_product_attention``: nn.MultiheadAttention,
+    nn.Transformer*) in its math form: torch's fused CPU kernel has no vmap batching rule, so
+    vmap would run it once per example, with a warning. The math form batches. Elsewhere (CUDA's
+    fused kernels batch) torch's choice stands."""
+    tensors = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)]
+    if tensors and all(t.device.type == "cpu" for t in tensors):
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 def _in_chunks(

@@ -6,6 +6,7 @@ import functools
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -1073,3 +1074,36 @@ def test_fused_recurrent_layers_are_refused_with_advice_and_cells_work() -> None
     ours = fl.per_sample_grads(unrolled, fl.cross_entropy, x, y)
     for name, v in _loop(unrolled, fl.cross_entropy, x, y).items():
         torch.testing.assert_close(ours[name], v)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc(self.enc(self.emb(x)).mean(1))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_batches_under_vmap_without_a_per_sample_loop(dtype: torch.dtype) -> None:
+    """A transformer layer: torch's fused CPU attention kernel has no vmap batching rule (vmap
+    would loop over samples and warn, an error in this suite). per_sample_grads and grad_stats
+    take attention's math form and match a loop of single-sample backwards."""
+    torch.manual_seed(0)
+    model = _Attention().to(dtype).eval()
+    x, y = torch.randint(0, 30, (6, 5)), torch.randint(0, 3, (6,))
+    expected = _loop(model, fl.cross_entropy, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a per-sample fallback would warn
+        grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=4)
+        stats = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4)
+        grouped = fl.grad_stats(model, fl.cross_entropy, x, y, groups=torch.tensor([0, 0, 1, 1, 2, 2]))
+    atol, rtol = (1e-12, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
+    for name, v in expected.items():
+        torch.testing.assert_close(grads[name], v, atol=atol, rtol=rtol)
+        torch.testing.assert_close(stats.mean[name], v.mean(0), atol=atol, rtol=rtol)
+        torch.testing.assert_close(grouped.mean[name], v.mean(0), atol=atol, rtol=rtol)
