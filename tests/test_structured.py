@@ -177,6 +177,21 @@ def test_unbatched_and_k_dimensional() -> None:
     torch.testing.assert_close(fl.cross_entropy(xk, yk, reduction="none"), F.cross_entropy(xk, yk, reduction="none"))
 
 
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_byte_class_targets_at_every_rank(fn: str) -> None:
+    """torch takes uint8 class indices for (N, C) and (C,) inputs but its K-dimensional
+    kernel refuses them ("expected scalar type Long but found Byte"); funcloss takes them at
+    every rank (segmentation masks are often uint8), with torch's values for the int64 copy."""
+    xk = torch.randn(2, 5, 3, 4, generator=_g(), dtype=D).log_softmax(1).requires_grad_()
+    yk = torch.randint(0, 5, (2, 3, 4), generator=_g())
+    with pytest.raises(RuntimeError, match="Long but found Byte"):
+        getattr(F, fn)(xk, yk.to(torch.uint8))
+    ours = getattr(fl, fn)(xk, yk.to(torch.uint8))
+    theirs = getattr(F, fn)(xk, yk)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(torch.autograd.grad(ours, xk), torch.autograd.grad(theirs, xk))
+
+
 @pytest.mark.parametrize(
     ("target", "kwargs", "exc", "match"),
     [
