@@ -76,8 +76,8 @@ def per_sample_grad(
         randomness: vmap's randomness for dropout and friends: ``"error"`` (default),
             ``"different"`` (a fresh draw per example) or ``"same"``.
 
-    When every tensor argument is on the CPU, ``scaled_dot_product_attention`` takes its math
-    form during the call: torch's fused CPU kernel has no vmap rule (it would run per example).
+    ``scaled_dot_product_attention`` takes its math form during the call: torch's fused
+    attention kernels have no vmap rule (they would run once per example).
 
     Example:
         >>> g = per_sample_grad(lambda p, x, y: fl.mse_loss(x @ p["w"], y))(params, xs, ys)
@@ -96,7 +96,7 @@ def per_sample_grad(
             dims = tuple(None if i in nums else 0 for i in range(len(args)))
         else:
             dims = in_dims
-        with _batchable_attention(args):
+        with _batchable_attention():
             if chunk_size is None:
                 return tf.vmap(grad_fn, in_dims=dims, randomness=randomness)(*args)
             return _in_chunks(grad_fn, args, dims, chunk_size, randomness)
@@ -104,15 +104,12 @@ def per_sample_grad(
     return batched
 
 
-def _batchable_attention(args: tuple[Any, ...]) -> contextlib.AbstractContextManager[object]:
-    """On the CPU, attention (``scaled_dot_product_attention``: nn.MultiheadAttention,
-    nn.Transformer*) in its math form: torch's fused CPU kernel has no vmap batching rule, so
-    vmap would run it once per example, with a warning. The math form batches. Elsewhere (CUDA's
-    fused kernels batch) torch's choice stands."""
-    tensors = [t for t in pytree.tree_leaves(args) if isinstance(t, Tensor)]
-    if tensors and all(t.device.type == "cpu" for t in tensors):
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
+def _batchable_attention() -> contextlib.AbstractContextManager[object]:
+    """Attention (``scaled_dot_product_attention``: nn.MultiheadAttention, nn.Transformer*) in
+    its math form: torch's fused attention kernels (CPU flash; CUDA flash, memory-efficient and
+    cuDNN) have no vmap batching rule, so vmap would run them once per example, with a
+    warning. The math form batches (measured on an H100 at B=64: as fast or faster)."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _in_chunks(

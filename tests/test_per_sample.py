@@ -1088,20 +1088,25 @@ class _Attention(nn.Module):
         return out
 
 
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_attention_batches_under_vmap_without_a_per_sample_loop(dtype: torch.dtype) -> None:
-    """A transformer layer: torch's fused CPU attention kernel has no vmap batching rule (vmap
+def test_attention_batches_under_vmap_without_a_per_sample_loop(dtype: torch.dtype, device: str) -> None:
+    """A transformer layer: torch's fused attention kernels have no vmap batching rule (vmap
     would loop over samples and warn, an error in this suite). per_sample_grads and grad_stats
     take attention's math form and match a loop of single-sample backwards."""
     torch.manual_seed(0)
-    model = _Attention().to(dtype).eval()
-    x, y = torch.randint(0, 30, (6, 5)), torch.randint(0, 3, (6,))
+    model = _Attention().to(device, dtype).eval()
+    x = torch.randint(0, 30, (6, 5), device=device)
+    y = torch.randint(0, 3, (6,), device=device)
     expected = _loop(model, fl.cross_entropy, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a per-sample fallback would warn
         grads = fl.per_sample_grads(model, fl.cross_entropy, x, y, chunk_size=4)
         stats = fl.grad_stats(model, fl.cross_entropy, x, y, chunk_size=4)
-        grouped = fl.grad_stats(model, fl.cross_entropy, x, y, groups=torch.tensor([0, 0, 1, 1, 2, 2]))
+        grouped = fl.grad_stats(model, fl.cross_entropy, x, y, groups=torch.tensor([0, 0, 1, 1, 2, 2], device=device))
     atol, rtol = (1e-12, 1e-10) if dtype == torch.float64 else (1e-5, 1e-4)
     for name, v in expected.items():
         torch.testing.assert_close(grads[name], v, atol=atol, rtol=rtol)
