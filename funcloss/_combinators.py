@@ -159,13 +159,34 @@ def scaled(loss: Callable[P, Tensor], factor: float) -> Scaled[P]:
     return Scaled(loss, float(factor))
 
 
+def _check_fits(fn: str, what: str, other: Tensor, values: Tensor) -> None:
+    """``other`` (a weight or mask) must broadcast to the loss values' shape without growing
+    it: a reduced loss (a scalar) would otherwise be spread silently over the weight's shape."""
+    shape = tuple(values.shape)
+    if other.dim() <= values.dim() and all(o in (1, v) for o, v in zip(reversed(other.shape), reversed(shape))):
+        return
+    hint = (
+        " The loss returned a scalar: it reduces its values itself. Pass it unreduced, e.g. "
+        "functools.partial(loss, reduction='none'), and give the reduction here."
+        if values.dim() == 0
+        else ""
+    )
+    raise ValueError(
+        f"{fn}(...): expected a {what} broadcastable to the loss values' shape {shape}, got shape "
+        f"{tuple(other.shape)}.{hint}"
+    )
+
+
 def _expand_weight(fn: str, weight: Tensor, by: WeightBy, values: Tensor, target: Tensor) -> Tensor:
     if by == "element":
+        _check_fits(fn, "per-element weight", weight, values)
         return weight
     if by == "sample":
-        if weight.dim() != 1 or values.dim() == 0 or weight.size(0) != values.size(0):
+        if values.dim() == 0:
+            _check_fits(fn, "per-sample weight", weight, values)  # raises: the loss reduced already
+        if weight.dim() != 1 or weight.size(0) != values.size(0):
             raise ValueError(
-                f"{fn}(...): expected a 1-D per-sample weight of length {values.size(0) if values.dim() else 1} "
+                f"{fn}(...): expected a 1-D per-sample weight of length {values.size(0)} "
                 f"(the loss's dim 0), got shape {tuple(weight.shape)}."
             )
         return weight.reshape(weight.shape + (1,) * (values.dim() - 1))
@@ -174,7 +195,9 @@ def _expand_weight(fn: str, weight: Tensor, by: WeightBy, values: Tensor, target
             raise ValueError(f"{fn}(...): expected a 1-D per-class weight of shape (C,), got {tuple(weight.shape)}.")
         if target.is_floating_point():
             target = target.long()
-        return class_values(weight, target)
+        w = class_values(weight, target)
+        _check_fits(fn, "per-class weight gathered by the target", w, values)
+        return w
     raise ValueError(f"{fn}(...): expected by to be 'element', 'sample' or 'class', got {by!r}.")
 
 
@@ -241,7 +264,11 @@ class Masked(Generic[P]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Tensor:
         blanked = [self._blank(a) for a in args]
         values = self.loss(*blanked, **kwargs)  # type: ignore[arg-type]
-        keep = self.mask.expand_as(values) if self.mask.shape != values.shape else self.mask
+        if self.mask.shape != values.shape:
+            _check_fits("masked", "mask", self.mask, values)
+            keep = self.mask.expand_as(values)
+        else:
+            keep = self.mask
         kept = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
         if self.reduction == "mean":
             return kept.sum() / keep.sum()

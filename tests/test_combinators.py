@@ -81,6 +81,34 @@ def test_weighted_rejects_bad_weight_shapes(xy: tuple[torch.Tensor, torch.Tensor
         fl.weighted(l1_none, torch.ones(2), by="row")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("by", ["element", "sample", "class"])
+def test_weights_and_masks_never_spread_a_reduced_loss(xy: tuple[torch.Tensor, torch.Tensor], by: str) -> None:
+    """A loss that reduces its values itself returns a scalar: a weight or mask of the batch's
+    shape would broadcast it into a tensor of copies and sum that (the mean times sum(w)).
+    That is refused, with the fix in the message; so is a weight that grows the values."""
+    x, y = xy
+    weight = {"element": torch.rand(5, 3), "sample": torch.rand(5), "class": torch.rand(3)}[by]
+    target = y.argmax(1) if by == "class" else y
+    reduced = fl.cross_entropy if by == "class" else fl.l1_loss
+    with pytest.raises(ValueError, match=r"shape \(\).*returned a scalar.*reduction='none'"):
+        fl.weighted(reduced, weight, by=by, reduction="sum")(x, target)  # type: ignore[arg-type]
+    if by == "element":
+        with pytest.raises(
+            ValueError, match=r"broadcastable to the loss values' shape \(5, 3\), got shape \(2, 5, 3\)"
+        ):
+            fl.weighted(l1_none, torch.rand(2, 5, 3))(x, y)
+        for fits in (torch.rand(3), torch.rand(5, 1), torch.tensor(2.0)):  # broadcasting within the shape stays
+            torch.testing.assert_close(fl.weighted(l1_none, fits, reduction="sum")(x, y), (l1_none(x, y) * fits).sum())
+
+
+def test_masks_must_fit_the_values(xy: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x, y = xy
+    with pytest.raises(ValueError, match=r"mask broadcastable to the loss values' shape \(5, 3\), got shape \(4, 3\)"):
+        fl.masked(l1_none, torch.ones(4, 3, dtype=torch.bool))(x, y)
+    with pytest.raises(ValueError, match=r"returned a scalar"):
+        fl.masked(fl.l1_loss, torch.ones(5, 3, dtype=torch.bool), reduction="mean")(x, y)
+
+
 def test_masked_keeps_nan_out_of_value_and_gradient(xy: tuple[torch.Tensor, torch.Tensor]) -> None:
     x, y = xy
     y = y.clone()
@@ -150,6 +178,23 @@ def test_masked_sample_weighted_mix_of_huber_and_l1_under_vmap_grad() -> None:
         xi = x[i].clone().requires_grad_(True)
         m = ((F.huber_loss(xi, y[i], reduction="none") + 0.5 * F.l1_loss(xi, y[i], reduction="none")) * mask[i]).sum()
         torch.testing.assert_close(rows[i], torch.autograd.grad(m, xi)[0])
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_combinators_compile_into_one_graph(dynamic: bool) -> None:
+    """The README's composition under torch.compile(fullgraph=True): the combinators' shape
+    checks are plain Python over shapes (symbols under dynamic=True), never a graph break."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    mask, sample_w = torch.rand(6, 4, generator=g) > 0.3, torch.rand(6, generator=g)
+    mix = fl.loss_sum({"huber": huber_none, "l1": l1_none}, weights={"l1": 0.5})
+    loss = fl.weighted(fl.masked(mix, mask), sample_w, by="sample", reduction="mean")
+    compiled = torch.compile(loss, fullgraph=True, dynamic=dynamic)
+    xc, xe = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, eager = compiled(xc, y), loss(xe, y)
+    torch.testing.assert_close(ours, eager)
+    torch.testing.assert_close(torch.autograd.grad(ours, xc), torch.autograd.grad(eager, xe))
 
 
 def test_combinators_pickle_and_print() -> None:
