@@ -317,7 +317,15 @@ class LossSum(Generic[P]):
         return {name: v * self.weight(name) for name, v in self.values(*args, **kwargs).items()}
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Tensor:
-        parts = list(self.weighted_values(*args, **kwargs).values())
+        values = self.weighted_values(*args, **kwargs)
+        parts = list(values.values())
+        if any(part.shape != parts[0].shape for part in parts[1:]):
+            shapes = ", ".join(f"{name}: {tuple(v.shape)}" for name, v in values.items())
+            raise ValueError(
+                f"loss_sum(...): expected terms of one shape, got {shapes}. Adding them would broadcast "
+                "(a reduced term's scalar added to every element of an unreduced one). Give every term the "
+                "same reduction."
+            )
         total = parts[0]
         for part in parts[1:]:
             total = total + part

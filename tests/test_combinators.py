@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -151,6 +152,16 @@ def test_loss_sum_rejects_bad_terms() -> None:
         fl.loss_sum({})
     with pytest.raises(ValueError, match="weights only for the terms"):
         fl.loss_sum({"a": fl.l1_loss}, weights={"b": 1.0})
+
+
+def test_loss_sum_terms_must_share_a_shape(xy: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """A reduced term (a scalar) beside an unreduced one would be added to every element."""
+    x, y = xy
+    terms: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": l1_none, "mse": fl.mse_loss}
+    mixed = fl.loss_sum(terms)
+    with pytest.raises(ValueError, match=r"one shape, got l1: \(5, 3\), mse: \(\)"):
+        mixed(x, y)
+    assert mixed.values(x, y)["mse"].shape == ()  # the terms themselves stay inspectable
 
 
 def test_masked_sample_weighted_mix_of_huber_and_l1_under_vmap_grad() -> None:
