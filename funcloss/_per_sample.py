@@ -77,7 +77,9 @@ def per_sample_grad(
             ``"different"`` (a fresh draw per example) or ``"same"``.
 
     ``scaled_dot_product_attention`` takes its math form during the call: torch's fused
-    attention kernels have no vmap rule (they would run once per example).
+    attention kernels have no vmap rule (they would run once per example). It holds the
+    attention weights of every example at once (``B x heads x L x L``): for long sequences,
+    bound ``B`` with ``chunk_size``.
 
     Example:
         >>> g = per_sample_grad(lambda p, x, y: fl.mse_loss(x @ p["w"], y))(params, xs, ys)
