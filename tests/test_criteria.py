@@ -388,6 +388,44 @@ def test_criterion_buffers_move_and_swap() -> None:
     assert quiet_call(crit, x, y).dtype == torch.float64
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensors_held_inside_a_loss_are_buffers(device: str) -> None:
+    """A combinator's weight or mask, or a keyword bound with functools.partial, at any depth:
+    buffers named by their path, moved by ``.to()``, loaded from a state dict and swapped by
+    functional_call, each call using the buffers' current tensors."""
+    class_w = torch.tensor([1.0, 2.0, 3.0])
+    rows = torch.tensor([True, False, True, True, True])
+    ce_none = functools.partial(fl.cross_entropy, reduction="none")
+    terms: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "ce": fl.weighted(ce_none, class_w, by="class", reduction="mean"),
+        "focal": functools.partial(fl.focal_loss, weight=class_w),
+        "kept": fl.masked(ce_none, rows, reduction="mean"),
+    }
+    mix = fl.loss_sum(terms)
+    crit = fnn.Criterion(mix)
+    assert list(crit.state_dict()) == ["loss_terms_ce_weight", "loss_terms_focal_weight", "loss_terms_kept_mask"]
+    crit = crit.to(device, torch.float64)
+    x = torch.randn(5, 3, dtype=torch.float64, device=device)
+    y = torch.tensor([0, 2, 1, 1, 0], device=device)
+    w64 = class_w.to(device, torch.float64)
+    expected = (
+        fl.cross_entropy(x, y, w64)
+        + fl.focal_loss(x, y, w64)
+        + fl.cross_entropy(x, y, reduction="none")[rows.to(device)].mean()
+    )
+    torch.testing.assert_close(crit(x, y), expected)
+    # A loaded state dict and a functional_call swap both reach the loss.
+    ones = torch.ones(3, dtype=torch.float64, device=device)
+    crit.load_state_dict({**crit.state_dict(), "loss_terms_ce_weight": ones})
+    swapped = torch.func.functional_call(crit, {"loss_terms_focal_weight": ones}, (x, y))
+    plain = (
+        fl.cross_entropy(x, y) + fl.focal_loss(x, y) + fl.cross_entropy(x, y, reduction="none")[rows.to(device)].mean()
+    )
+    torch.testing.assert_close(swapped, plain)
+    with pytest.raises(ValueError, match=r"other than the buffer names.*loss_weight"):
+        fnn.Criterion(fl.weighted(ce_none, class_w, by="class"), loss_weight=1.0)
+
+
 def test_linear_cross_entropy_criterion_with_out_features() -> None:
     torch.manual_seed(3)
     theirs = nn.LinearCrossEntropyLoss(4, 3, out_features=(2,), bias=True).double()

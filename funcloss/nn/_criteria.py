@@ -7,12 +7,13 @@ buffers and parameters under the same names, and calls the funcloss function in 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # torch >= 2.13
     from torch.nn import LinearCrossEntropyOptions
 
-from .. import _checks
+from .. import _checks, _combinators
 from .._typing import KLDivReduction, Reduction
 from ..losses import _adaptive, _classification, _embedding, _margin, _probabilistic, _regression, _sequence
 from ..losses._adaptive import ASMOutput
@@ -757,6 +758,58 @@ def _check_options(loss_fn: Callable[..., Tensor], options: dict[str, Any]) -> N
             )
 
 
+# The combinators whose fields `Criterion` looks into (a user's own classes are left whole).
+_COMBINATORS = (
+    _combinators.Reduced,
+    _combinators.Scaled,
+    _combinators.Weighted,
+    _combinators.Masked,
+    _combinators.LossSum,
+)
+
+
+def _held_tensors(fn: Any, path: str = "loss") -> dict[str, Tensor]:
+    """The tensors a loss holds inside it, by path: fields of funcloss's combinators (frozen
+    dataclasses: a `weighted` weight, a `masked` mask, a `LossSum`'s terms) and keyword
+    arguments bound with ``functools.partial``, recursively. Paths are buffer names."""
+    found: dict[str, Tensor] = {}
+    if isinstance(fn, functools.partial):
+        for key, value in fn.keywords.items():
+            if isinstance(value, Tensor):
+                found[f"{path}_{key}"] = value
+        found.update(_held_tensors(fn.func, f"{path}_func"))
+    elif isinstance(fn, _COMBINATORS):
+        for f in dataclasses.fields(fn):
+            value = getattr(fn, f.name)
+            if isinstance(value, Tensor):
+                found[f"{path}_{f.name}"] = value
+            elif isinstance(value, Mapping):
+                for key, term in value.items():
+                    found.update(_held_tensors(term, f"{path}_{f.name}_{key}"))
+            else:
+                found.update(_held_tensors(value, f"{path}_{f.name}"))
+    return found
+
+
+def _with_held(fn: Any, held: Mapping[str, Tensor], path: str = "loss") -> Any:
+    """``fn`` rebuilt with the tensors of `_held_tensors` replaced by ``held`` (same paths)."""
+    if isinstance(fn, functools.partial):
+        keywords = {k: held.get(f"{path}_{k}", v) if isinstance(v, Tensor) else v for k, v in fn.keywords.items()}
+        return functools.partial(_with_held(fn.func, held, f"{path}_func"), *fn.args, **keywords)
+    if isinstance(fn, _COMBINATORS):
+        changes: dict[str, Any] = {}
+        for f in dataclasses.fields(fn):
+            value = getattr(fn, f.name)
+            if isinstance(value, Tensor):
+                changes[f.name] = held.get(f"{path}_{f.name}", value)
+            elif isinstance(value, Mapping):
+                changes[f.name] = {k: _with_held(t, held, f"{path}_{f.name}_{k}") for k, t in value.items()}
+            else:
+                changes[f.name] = _with_held(value, held, f"{path}_{f.name}")
+        return dataclasses.replace(fn, **changes)
+    return fn
+
+
 class Criterion(nn.Module):
     """Any functional loss as a criterion: ``Criterion(loss_fn, **options)``.
 
@@ -770,7 +823,11 @@ class Criterion(nn.Module):
         >>> criterion(logits, labels)
 
     A loss assembled with the combinators, or any function of yours, works the same; to pickle
-    the criterion, the function must be importable (not a lambda).
+    the criterion, the function must be importable (not a lambda). Tensors the loss holds
+    inside (a `weighted` weight, a `masked` mask, keywords bound with ``functools.partial``,
+    at any depth of the combinators) are buffers too, named by their path (``loss_weight``,
+    ``loss_loss_mask``, ``loss_terms_ce_weight``, ...), and each call uses the buffers' current
+    tensors.
     """
 
     __prepare_scriptable__ = _refuse_torchscript
@@ -789,6 +846,16 @@ class Criterion(nn.Module):
                 self._buffer_options.append(name)
             else:
                 self._plain_options[name] = value
+        held = _held_tensors(loss_fn)
+        clash = sorted(set(held) & set(options))
+        if clash:
+            raise ValueError(
+                f"Criterion(...): expected option names other than the buffer names of the tensors the loss holds, "
+                f"got {', '.join(clash)}. Rename the option."
+            )
+        for name, value in held.items():
+            self.register_buffer(name, value)
+        self._held = list(held)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -796,7 +863,10 @@ class Criterion(nn.Module):
         return {**self._plain_options, **{name: getattr(self, name) for name in self._buffer_options}}
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self.loss_fn(*args, **{**self.options, **kwargs})
+        loss_fn = self.loss_fn
+        if self._held:  # the loss as it holds this module's buffers now (moved, loaded, swapped)
+            loss_fn = _with_held(loss_fn, {name: getattr(self, name) for name in self._held})
+        return loss_fn(*args, **{**self.options, **kwargs})
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
