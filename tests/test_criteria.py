@@ -414,6 +414,7 @@ def test_tensors_held_inside_a_loss_are_buffers(device: str) -> None:
         + fl.cross_entropy(x, y, reduction="none")[rows.to(device)].mean()
     )
     torch.testing.assert_close(crit(x, y), expected)
+    assert "float64" in repr(crit)  # the repr shows the loss as it holds the buffers now
     # A loaded state dict and a functional_call swap both reach the loss.
     ones = torch.ones(3, dtype=torch.float64, device=device)
     crit.load_state_dict({**crit.state_dict(), "loss_terms_ce_weight": ones})

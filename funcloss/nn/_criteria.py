@@ -862,17 +862,22 @@ class Criterion(nn.Module):
         """The configuration passed to the loss, buffers included."""
         return {**self._plain_options, **{name: getattr(self, name) for name in self._buffer_options}}
 
+    def _current_loss(self) -> Callable[..., Tensor]:
+        """The loss as it holds this module's buffers now (moved, loaded or swapped)."""
+        if not self._held:
+            return self.loss_fn
+        rebuilt: Callable[..., Tensor] = _with_held(self.loss_fn, {name: getattr(self, name) for name in self._held})
+        return rebuilt
+
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        loss_fn = self.loss_fn
-        if self._held:  # the loss as it holds this module's buffers now (moved, loaded, swapped)
-            loss_fn = _with_held(loss_fn, {name: getattr(self, name) for name in self._held})
-        return loss_fn(*args, **{**self.options, **kwargs})
+        return self._current_loss()(*args, **{**self.options, **kwargs})
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
     def extra_repr(self) -> str:
-        name = getattr(self.loss_fn, "__name__", repr(self.loss_fn))
+        loss_fn = self._current_loss()
+        name = getattr(loss_fn, "__name__", repr(loss_fn))
         parts = [name] + [f"{k}={v!r}" for k, v in self._plain_options.items()]
         parts += [f"{k}=<buffer {tuple(getattr(self, k).shape)}>" for k in self._buffer_options]
         return ", ".join(parts)
