@@ -427,6 +427,15 @@ def test_tensors_held_inside_a_loss_are_buffers(device: str) -> None:
         fnn.Criterion(fl.weighted(ce_none, class_w, by="class"), loss_weight=1.0)
 
 
+def test_criterion_with_held_tensors_compiles_in_one_graph() -> None:
+    """Rebuilding the wrapped loss from the buffers at each call is no graph break."""
+    torch._dynamo.reset()
+    ce_none = functools.partial(fl.cross_entropy, reduction="none")
+    crit = fnn.Criterion(fl.weighted(ce_none, torch.tensor([1.0, 2.0, 3.0]), by="class", reduction="mean"))
+    x, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    torch.testing.assert_close(torch.compile(crit, fullgraph=True)(x, y), crit(x, y))
+
+
 def test_linear_cross_entropy_criterion_with_out_features() -> None:
     torch.manual_seed(3)
     theirs = nn.LinearCrossEntropyLoss(4, 3, out_features=(2,), bias=True).double()
