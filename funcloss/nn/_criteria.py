@@ -768,46 +768,38 @@ _COMBINATORS = (
 )
 
 
-def _held_tensors(fn: Any, path: str = "loss") -> dict[str, Tensor]:
-    """The tensors a loss holds inside it, by path: fields of funcloss's combinators (frozen
-    dataclasses: a `weighted` weight, a `masked` mask, a `LossSum`'s terms) and keyword
-    arguments bound with ``functools.partial``, recursively. Paths are buffer names."""
-    found: dict[str, Tensor] = {}
+def _map_held(fn: Any, swap: Callable[[str, Tensor], Tensor], path: str = "loss") -> Any:
+    """``fn`` rebuilt with each tensor it holds inside replaced by ``swap(path, tensor)``: the
+    fields of funcloss's combinators (a `weighted` weight, a `masked` mask, a `LossSum`'s
+    terms) and keyword arguments bound with ``functools.partial``, recursively. The paths are
+    the buffer names."""
     if isinstance(fn, functools.partial):
-        for key, value in fn.keywords.items():
-            if isinstance(value, Tensor):
-                found[f"{path}_{key}"] = value
-        found.update(_held_tensors(fn.func, f"{path}_func"))
-    elif isinstance(fn, _COMBINATORS):
-        for f in dataclasses.fields(fn):
-            value = getattr(fn, f.name)
-            if isinstance(value, Tensor):
-                found[f"{path}_{f.name}"] = value
-            elif isinstance(value, Mapping):
-                for key, term in value.items():
-                    found.update(_held_tensors(term, f"{path}_{f.name}_{key}"))
-            else:
-                found.update(_held_tensors(value, f"{path}_{f.name}"))
-    return found
-
-
-def _with_held(fn: Any, held: Mapping[str, Tensor], path: str = "loss") -> Any:
-    """``fn`` rebuilt with the tensors of `_held_tensors` replaced by ``held`` (same paths)."""
-    if isinstance(fn, functools.partial):
-        keywords = {k: held.get(f"{path}_{k}", v) if isinstance(v, Tensor) else v for k, v in fn.keywords.items()}
-        return functools.partial(_with_held(fn.func, held, f"{path}_func"), *fn.args, **keywords)
+        keywords = {k: swap(f"{path}_{k}", v) if isinstance(v, Tensor) else v for k, v in fn.keywords.items()}
+        return functools.partial(_map_held(fn.func, swap, f"{path}_func"), *fn.args, **keywords)
     if isinstance(fn, _COMBINATORS):
         changes: dict[str, Any] = {}
         for f in dataclasses.fields(fn):
-            value = getattr(fn, f.name)
+            value, where = getattr(fn, f.name), f"{path}_{f.name}"
             if isinstance(value, Tensor):
-                changes[f.name] = held.get(f"{path}_{f.name}", value)
+                changes[f.name] = swap(where, value)
             elif isinstance(value, Mapping):
-                changes[f.name] = {k: _with_held(t, held, f"{path}_{f.name}_{k}") for k, t in value.items()}
+                changes[f.name] = {k: _map_held(t, swap, f"{where}_{k}") for k, t in value.items()}
             else:
-                changes[f.name] = _with_held(value, held, f"{path}_{f.name}")
+                changes[f.name] = _map_held(value, swap, where)
         return dataclasses.replace(fn, **changes)
     return fn
+
+
+def _held_tensors(fn: Any) -> dict[str, Tensor]:
+    """The tensors ``fn`` holds inside it (see `_map_held`), by buffer name."""
+    found: dict[str, Tensor] = {}
+
+    def record(name: str, tensor: Tensor) -> Tensor:
+        found[name] = tensor
+        return tensor
+
+    _map_held(fn, record)
+    return found
 
 
 class Criterion(nn.Module):
@@ -866,7 +858,7 @@ class Criterion(nn.Module):
         """The loss as it holds this module's buffers now (moved, loaded or swapped)."""
         if not self._held:
             return self.loss_fn
-        rebuilt: Callable[..., Tensor] = _with_held(self.loss_fn, {name: getattr(self, name) for name in self._held})
+        rebuilt: Callable[..., Tensor] = _map_held(self.loss_fn, lambda name, _: cast(Tensor, getattr(self, name)))
         return rebuilt
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
