@@ -380,20 +380,13 @@ class _CTCFunction(torch.autograd.Function):
         return _ctc_grad(grad_ll, *ctx.saved_tensors), None, None, None, None
 
 
-def _ctc_grad(
-    grad_ll: Tensor,
-    log_probs: Tensor,
-    ext: Tensor,
-    skip: Tensor,
-    in_len: Tensor,
-    tgt_len: Tensor,
-    ll: Tensor,
-    padded: Tensor,
-) -> Tensor:
+def _ctc_grad(*args: Tensor) -> Tensor:
     """The gradient of the log-likelihoods ``ll`` (weighted by ``grad_ll``) with respect to
     ``log_probs``, from the saved alphas ``padded`` and the beta recursion: the posterior
-    occupancy of each (time, label), added into its class."""
-    args = (grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded)
+    occupancy of each (time, label), added into its class. The arguments, in this order (the
+    backward operator's signature spells them out): ``grad_ll, log_probs, ext, skip, in_len,
+    tgt_len, ll, padded``."""
+    _, log_probs, _, _, in_len, *_ = args
     if _triton(log_probs) is not None:
         return replayed(_ctc_grad_triton, *args)[0]
     if log_probs.is_cuda:
@@ -423,20 +416,10 @@ def _skip_next(skip: Tensor) -> Tensor:
     return F.pad(skip, (0, 2), value=_neg(skip.dtype))[:, 2:].t().contiguous()
 
 
-def _ctc_grad_from(
-    grad_ll: Tensor,
-    log_probs: Tensor,
-    ext: Tensor,
-    skip: Tensor,
-    in_len: Tensor,
-    tgt_len: Tensor,
-    ll: Tensor,
-    padded: Tensor,
-    *,
-    starting: set[int] | None,
-) -> Tensor:
-    """`_ctc_grad`, given the steps at which some sequence's beta recursion starts (its last
-    step), or None to check every step."""
+def _ctc_grad_from(*args: Tensor, starting: set[int] | None) -> Tensor:
+    """`_ctc_grad` (same arguments), given the steps at which some sequence's beta recursion
+    starts (its last step), or None to check every step."""
+    grad_ll, log_probs, ext, skip, in_len, tgt_len, ll, padded = args
     steps, batch, _ = log_probs.shape
     size = ext.size(1)
     dtype, device = log_probs.dtype, log_probs.device
@@ -526,17 +509,8 @@ def _ctc_alphas_backward_op(
 
 
 @_ctc_alphas_backward_op.register_fake
-def _ctc_alphas_backward_fake(
-    grad_ll: Tensor,
-    log_probs: Tensor,
-    ext: Tensor,
-    skip: Tensor,
-    in_len: Tensor,
-    tgt_len: Tensor,
-    ll: Tensor,
-    padded: Tensor,
-) -> Tensor:
-    return torch.empty_like(log_probs)
+def _ctc_alphas_backward_fake(*args: Tensor) -> Tensor:
+    return torch.empty_like(args[1])  # the gradient of log_probs, the second argument
 
 
 def _ctc_alphas_setup(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
