@@ -92,6 +92,27 @@ def test_large_cross_entropy_forms_its_gradient_in_the_forward(
         assert torch.equal(torch.autograd.grad(none, x)[0], torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_large_cross_entropy_keeps_log_softmax_precision(reduction: fl.Reduction) -> None:
+    """The gradient-in-the-forward path takes the target's log-probability from the softmax
+    (x_y - max x + log max p): as precise as torch's log_softmax in float32 for logits far
+    from 0 (an offset of 1e6, where a logsumexp formed first would be off by its rounding, up
+    to 0.06 a row) and for targets whose probability underflows to 0 (a finite loss)."""
+    from funcloss.losses._classification import _FLAT_PICK
+
+    rows, classes = _FLAT_PICK // 40 + 5, 40
+    x = torch.randn(rows, classes, generator=_g()) * 3 + 1e6
+    y = torch.randint(0, classes, (rows,), generator=_g(1))
+    x[::5].scatter_(1, y[::5, None], -150.0, reduce="add")  # p_y = exp(-150) is 0 in float32
+    x.requires_grad_(True)
+    ours, theirs = fl.cross_entropy(x, y, reduction=reduction), F.cross_entropy(x, y, reduction=reduction)
+    assert torch.isfinite(ours)
+    torch.testing.assert_close(ours, theirs)
+    exact = F.cross_entropy(x.double(), y, reduction=reduction)
+    assert abs(ours.double() - exact) <= abs(theirs.double() - exact) + 1e-6 * abs(exact)
+    torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+
+
 @pytest.mark.parametrize("rows", [7, 2000])
 def test_class_weight_gradient_at_every_size(rows: int) -> None:
     """A class weight that requires grad gets its gradient (torch raises instead) whether the

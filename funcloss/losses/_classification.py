@@ -935,13 +935,32 @@ class _CrossEntropyTotal(torch.autograd.Function):
         g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, input.dtype)
         smoothing = eps != 0.0
         w_sum = float(classes) if class_weight is None else class_weight.sum()
-        logp = torch.log_softmax(input, dim=1)
-        total = -torch.dot(g_nll, logp.gather(1, target[:, None])[:, 0])
         if smoothing:
+            # The smoothing term sums every class's log-probability: formed as log_softmax.
+            logp = torch.log_softmax(input, dim=1)
+            total = -torch.dot(g_nll, logp.gather(1, target[:, None])[:, 0])
             dot = logp.sum(-1) if class_weight is None else logp @ class_weight
             total = total - torch.dot(g_smooth, dot)
+            probs = logp.exp_()
+        else:
+            # One exponential pass, the softmax's (log_softmax and then exp took two). The
+            # target's log-probability is x_y - max_c x_c + log(max_c p_c): the largest
+            # probability is at least 1/C, so its log is exact where p_y may underflow, and
+            # x_y - max x is formed before anything of the size of x is added (as in
+            # log_softmax, large logits lose nothing).
+            probs = torch.softmax(input, dim=1)
+            top = probs.amax(1).log_()
+            picked = input.gather(1, target[:, None])[:, 0].sub_(input.amax(1)).add_(top)
+            total = -torch.dot(g_nll, picked)
         ctx.save_for_backward(input, target, class_weight, g_nll, g_smooth)
-        ctx.grad = _softmax_grads_(logp.exp_(), target, g_nll, g_smooth, w_sum, class_weight, smoothing)
+        if smoothing:
+            ctx.grad = _softmax_grads_(probs, target, g_nll, g_smooth, w_sum, class_weight, smoothing)
+            ctx.row_scale = None
+        else:
+            # p - onehot(y); the backward's one multiply applies each row's g_nll with the
+            # incoming gradient (one pass over the buffer where scaling here took a second).
+            ctx.grad = probs.scatter_(1, target[:, None], -1.0, reduce="add")
+            ctx.row_scale = g_nll[:, None]
         ctx.smoothing = smoothing
         return torch.where(empty, torch.full_like(total, float("nan")), total)
 
@@ -950,7 +969,7 @@ class _CrossEntropyTotal(torch.autograd.Function):
         rest = (None,) * 5
         if ctx.grad is not None and not torch.is_grad_enabled():
             g_input, ctx.grad = ctx.grad, None  # scaled in place once; a second backward recomputes
-            return (g_input.mul_(grad), *rest)
+            return (g_input.mul_(grad if ctx.row_scale is None else ctx.row_scale * grad), *rest)
         input, target, class_weight, g_nll, g_smooth = ctx.saved_tensors
         w_sum = float(input.size(1)) if class_weight is None else class_weight.sum()
         g_input = _chunk_logit_grads(
