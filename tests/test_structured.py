@@ -92,12 +92,14 @@ def test_large_cross_entropy_forms_its_gradient_in_the_forward(
         assert torch.equal(torch.autograd.grad(none, x)[0], torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_large_cross_entropy_keeps_log_softmax_precision(reduction: fl.Reduction) -> None:
+def test_large_cross_entropy_keeps_log_softmax_precision(reduction: fl.Reduction, smoothing: float) -> None:
     """The gradient-in-the-forward path takes the target's log-probability from the softmax
-    (x_y - max x + log max p): as precise as torch's log_softmax in float32 for logits far
-    from 0 (an offset of 1e6, where a logsumexp formed first would be off by its rounding, up
-    to 0.06 a row) and for targets whose probability underflows to 0 (a finite loss)."""
+    (x_y - max x + log max p; with smoothing, log_softmax): as precise as torch's log_softmax
+    in float32 for logits far from 0 (an offset of 1e6, where a logsumexp formed first would
+    be off by its rounding, up to 0.06 a row, and a smoothing sum of the raw logits by far
+    more) and for targets whose probability underflows to 0 (a finite loss)."""
     from funcloss.losses._classification import _FLAT_PICK
 
     rows, classes = _FLAT_PICK // 40 + 5, 40
@@ -105,10 +107,11 @@ def test_large_cross_entropy_keeps_log_softmax_precision(reduction: fl.Reduction
     y = torch.randint(0, classes, (rows,), generator=_g(1))
     x[::5].scatter_(1, y[::5, None], -150.0, reduce="add")  # p_y = exp(-150) is 0 in float32
     x.requires_grad_(True)
-    ours, theirs = fl.cross_entropy(x, y, reduction=reduction), F.cross_entropy(x, y, reduction=reduction)
+    kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
+    ours, theirs = fl.cross_entropy(x, y, **kwargs), F.cross_entropy(x, y, **kwargs)
     assert torch.isfinite(ours)
     torch.testing.assert_close(ours, theirs)
-    exact = F.cross_entropy(x.double(), y, reduction=reduction)
+    exact = F.cross_entropy(x.double(), y, **kwargs)
     assert abs(ours.double() - exact) <= abs(theirs.double() - exact) + 1e-6 * abs(exact)
     torch.testing.assert_close(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
 
