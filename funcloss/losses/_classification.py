@@ -279,12 +279,10 @@ def nll_loss(
 
 
 def _negated(picked: Tensor, reduction: Reduction) -> Tensor:
-    """``reduce(-picked, reduction)`` with the negation applied to the total: one kernel and one
-    autograd node fewer over the picked values (this is the eager path, where each costs about
-    as much as the pick)."""
-    if reduction == "none" or picked.numel() == 0:
-        return reduce(-picked, reduction)
-    return picked.sum().div_(-picked.numel() if reduction == "mean" else -1)
+    """``reduce(-picked, reduction)`` with the negation applied to the reduced value: one
+    kernel and one autograd node fewer over the picked values (this is the eager path, where
+    each costs about as much as the pick)."""
+    return -picked if reduction == "none" else reduce(picked, reduction).neg()
 
 
 def _class_view(weight: Tensor, input: Tensor, class_dim: int) -> Tensor:
