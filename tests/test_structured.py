@@ -59,8 +59,9 @@ def test_large_inputs_pick_through_the_flat_view(fn: str, device: str) -> None:
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
 def test_large_cross_entropy_forms_its_gradient_in_the_forward(
-    reduction: str, smoothing: float, weighted: bool
+    reduction: str, smoothing: float, weighted: bool, device: str
 ) -> None:
     """From 2^16 elements, a reduced cross-entropy whose input requires grad forms the
     gradient in the forward: scaled by the incoming gradient, right for a second backward
@@ -69,11 +70,12 @@ def test_large_cross_entropy_forms_its_gradient_in_the_forward(
     from funcloss.losses._classification import _FLAT_PICK
 
     rows, classes = _FLAT_PICK // 40 + 5, 40
-    x = torch.randn(rows, classes, generator=_g(), dtype=D, requires_grad=True)
+    x = torch.randn(rows, classes, generator=_g(), dtype=D).to(device).requires_grad_(True)
     y = torch.randint(0, classes, (rows,), generator=_g(1))
     y[::9] = -100
+    y = y.to(device)
     kwargs: dict[str, Any] = {
-        "weight": torch.rand(classes, generator=_g(2), dtype=D) if weighted else None,
+        "weight": torch.rand(classes, generator=_g(2), dtype=D).to(device) if weighted else None,
         "reduction": reduction,
         "label_smoothing": smoothing,
     }
@@ -84,7 +86,7 @@ def test_large_cross_entropy_forms_its_gradient_in_the_forward(
         torch.testing.assert_close(torch.autograd.grad(3.0 * ours, x, retain_graph=True)[0], expected)
     (g,) = torch.autograd.grad(fl.cross_entropy(x, y, **kwargs), x, create_graph=True)  # a fresh forward
     (h,) = torch.autograd.grad(theirs, x, create_graph=True)
-    v = torch.randn(rows, classes, generator=_g(3), dtype=D)
+    v = torch.randn(rows, classes, generator=_g(3), dtype=D).to(device)
     torch.testing.assert_close(torch.autograd.grad((g * v).sum(), x)[0], torch.autograd.grad((h * v).sum(), x)[0])
     if reduction == "mean":
         none = fl.cross_entropy(x, torch.full_like(y, -100), **kwargs)
@@ -92,9 +94,12 @@ def test_large_cross_entropy_forms_its_gradient_in_the_forward(
         assert torch.equal(torch.autograd.grad(none, x)[0], torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_large_cross_entropy_keeps_log_softmax_precision(reduction: fl.Reduction, smoothing: float) -> None:
+def test_large_cross_entropy_keeps_log_softmax_precision(
+    reduction: fl.Reduction, smoothing: float, device: str
+) -> None:
     """The gradient-in-the-forward path takes the target's log-probability from the softmax
     (x_y - max x + log max p; with smoothing, log_softmax): as precise as torch's log_softmax
     in float32 for logits far from 0 (an offset of 1e6, where a logsumexp formed first would
@@ -106,7 +111,7 @@ def test_large_cross_entropy_keeps_log_softmax_precision(reduction: fl.Reduction
     x = torch.randn(rows, classes, generator=_g()) * 3 + 1e6
     y = torch.randint(0, classes, (rows,), generator=_g(1))
     x[::5].scatter_(1, y[::5, None], -150.0, reduce="add")  # p_y = exp(-150) is 0 in float32
-    x.requires_grad_(True)
+    x, y = x.to(device).requires_grad_(True), y.to(device)
     kwargs: dict[str, Any] = {"reduction": reduction, "label_smoothing": smoothing}
     ours, theirs = fl.cross_entropy(x, y, **kwargs), F.cross_entropy(x, y, **kwargs)
     assert torch.isfinite(ours)
