@@ -205,3 +205,24 @@ def test_bench_persample_memory_is_what_a_call_needs() -> None:
     per_sample_mib = len(x) * sum(p.numel() for p in model.parameters()) * 4 / 2**20
     assert peak_memory_mb("mlp", "funcloss grad_stats") < per_sample_mib / 2
     assert peak_memory_mb("mlp", "funcloss per_sample_grads") < per_sample_mib * 1.5
+
+
+def test_bench_losses_reports_page_faults_at_the_large_size() -> None:
+    """The losses table has a column of page faults per call at the large size, funcloss's
+    and torch's, counted from the process's minor faults (on Linux: fresh memory's first
+    touch counts)."""
+    import re
+
+    from funcloss._bench import timing
+
+    if sys.platform.startswith("linux"):
+        before = timing._minor_faults()
+        torch.ones(1 << 24).add_(1)  # 64 MiB of fresh pages
+        assert timing._minor_faults() - before > 1000
+    out = io.StringIO()
+    assert timing.run_losses("cpu", rounds=1, names=["l1_loss"], out=out) == 0
+    lines = out.getvalue().splitlines()
+    header = next(line for line in lines if line.startswith("loss"))
+    row = next(line for line in lines if line.startswith("l1_loss"))
+    assert "large faults" in header
+    assert re.search(r"\s\d+/\d+\s+batched$", row), row
