@@ -941,14 +941,16 @@ class _CrossEntropyTotal(torch.autograd.Function):
         classes = input.size(1)
         g_nll, g_smooth, empty = _reduction_coefficients(target, class_weight, keep, eps, classes, mean, input.dtype)
         smoothing = eps != 0.0
-        w_sum = float(classes) if class_weight is None else class_weight.sum()
+        ctx.save_for_backward(input, target, class_weight, g_nll, g_smooth)
         if smoothing:
+            w_sum = float(classes) if class_weight is None else class_weight.sum()
             # The smoothing term sums every class's log-probability: formed as log_softmax.
             logp = torch.log_softmax(input, dim=1)
             total = -torch.dot(g_nll, logp.gather(1, target[:, None])[:, 0])
             dot = logp.sum(-1) if class_weight is None else logp @ class_weight
             total = total - torch.dot(g_smooth, dot)
-            probs = logp.exp_()
+            ctx.grad = _softmax_grads_(logp.exp_(), target, g_nll, g_smooth, w_sum, class_weight, True)
+            ctx.row_scale = None
         else:
             # One exponential pass, the softmax's (log_softmax and then exp took two). The
             # target's log-probability is x_y - max_c x_c + log(max_c p_c): the largest
@@ -959,11 +961,6 @@ class _CrossEntropyTotal(torch.autograd.Function):
             top = probs.amax(1).log_()
             picked = input.gather(1, target[:, None])[:, 0].sub_(input.amax(1)).add_(top)
             total = -torch.dot(g_nll, picked)
-        ctx.save_for_backward(input, target, class_weight, g_nll, g_smooth)
-        if smoothing:
-            ctx.grad = _softmax_grads_(probs, target, g_nll, g_smooth, w_sum, class_weight, smoothing)
-            ctx.row_scale = None
-        else:
             # p - onehot(y); the backward's one multiply applies each row's g_nll with the
             # incoming gradient (one pass over the buffer where scaling here took a second).
             ctx.grad = probs.scatter_(1, target[:, None], -1.0, reduce="add")
