@@ -933,7 +933,7 @@ compiled = torch.compile(lambda z: fn(z, y, label_smoothing=0.1), fullgraph=True
 (eager,) = torch.autograd.grad(F.cross_entropy(z, y, label_smoothing=0.1), (z,))
 torch.testing.assert_close(g, eager)
 del g, eager
-print(peak_extra_bytes(lambda: torch.autograd.grad(compiled(z), (z,))))
+print(max(peak_extra_bytes(lambda: torch.autograd.grad(compiled(z), (z,))) for _ in range(3)))
 """
 
 

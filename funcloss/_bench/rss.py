@@ -8,7 +8,6 @@ see a call's own peak; sampling the current RSS every half millisecond can.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import torch
@@ -22,25 +21,33 @@ def current_rss() -> int:
 
 
 def peak_extra_bytes(fn: Callable[[], object], interval: float = 0.0005) -> int:
-    """How far RSS rose above its starting level while ``fn()`` ran."""
+    """How far RSS rose above its starting level while ``fn()`` ran, counting what it returned
+    (as the CUDA allocator's peak does): the result is held until the last sample is taken.
+
+    A sample can miss a peak that lasts less than ``interval`` or falls in a stretch where a
+    kernel holds the GIL; holding the result makes the end state, at least, always seen."""
     start = current_rss()
     peak = start
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
-        while not done.is_set():
+        while True:
             peak = max(peak, current_rss())
-            time.sleep(interval)
+            if done.wait(interval):
+                return
 
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
+    result: object = None
     try:
-        fn()
+        result = fn()
     finally:
         done.set()
         watcher.join()
-    return max(0, max(peak, current_rss()) - start)
+    peak = max(peak, current_rss())
+    del result
+    return max(0, peak - start)
 
 
 def sync(device: str | torch.device) -> None:
