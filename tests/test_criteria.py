@@ -72,6 +72,25 @@ def test_criteria_offer_torchs_public_interface() -> None:
                 assert ours_params == list(inspect.signature(getattr(theirs, method)).parameters), (name, method)
 
 
+@pytest.mark.parametrize("name", sorted(set(fnn.__all__) - {"Criterion"}))
+def test_criteria_are_instances_of_torchs_classes(name: str) -> None:
+    """A drop-in replacement passes the type checks code makes on criteria: skorch's classifier,
+    for one, takes the log of its predictions only when ``isinstance(criterion, nn.NLLLoss)``,
+    and would otherwise train on the wrong values without a word. Every method torch's class
+    defines (forward first), except private helpers, is funcloss's own, so none runs torch's loss."""
+    theirs, ours = getattr(nn, name), getattr(fnn, name)
+    assert issubclass(ours, theirs)
+    own = [
+        a
+        for klass in theirs.__mro__[: theirs.__mro__.index(nn.Module)]
+        for a, v in vars(klass).items()
+        if callable(v) and not a.startswith("_")
+    ]
+    assert "forward" in own
+    inherited = [a for a in own if getattr(ours, a) is getattr(theirs, a)]
+    assert not inherited, (name, inherited)
+
+
 def test_triplet_distance_criterion_defaults_to_a_pairwise_distance_module_like_torch() -> None:
     """torch's criterion holds an nn.PairwiseDistance when given no distance function: so does
     funcloss's (same children), computing its formula, changed settings included."""

@@ -3,6 +3,9 @@
 Each adapter takes exactly torch's constructor arguments (legacy ``size_average``/``reduce``
 included, mapped as torch maps them, with torch's deprecation warning), registers the same
 buffers and parameters under the same names, and calls the funcloss function in one line.
+Each subclasses torch's class of the same name (``isinstance`` checks in other libraries hold)
+and overrides every public method that class defines; torch's ``__init__`` is not run (each
+adapter sets every attribute it sets).
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # torch >= 2.13
+    from torch.nn import LinearCrossEntropyLoss as _TorchLinearCrossEntropyLoss
     from torch.nn import LinearCrossEntropyOptions
+else:  # absent before torch 2.13 (the criterion is then a plain module)
+    _TorchLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", nn.Module)
 
 from .. import _checks, _combinators
 from .._typing import KLDivReduction, Reduction
@@ -89,14 +95,19 @@ class _Loss(nn.Module):
 
     _options: tuple[str, ...] = ()
     _allowed: tuple[str, ...] = _REDUCTIONS
-    reduction: Reduction
+    reduction: str  # as in torch's criteria; checked at construction and again by each call
 
     def __init__(self, size_average: bool | None = None, reduce: bool | None = None, reduction: str = "mean") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's class's __init__: this one sets all it would
         if size_average is not None or reduce is not None:
             reduction = _legacy_reduction(size_average, reduce)
         _checks.check_reduction(type(self).__name__, reduction, self._allowed)
-        self.reduction = cast(Reduction, reduction)
+        self.reduction = reduction
+
+    @property
+    def _reduction(self) -> Reduction:
+        """`reduction` as the functions take it (they check the value)."""
+        return cast(Reduction, self.reduction)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)!r}" for name in (*self._options, "reduction"))
@@ -116,27 +127,27 @@ class _WeightedLoss(_Loss):
         self.register_buffer("weight", weight)
 
 
-class L1Loss(_Loss):
+class L1Loss(_Loss, nn.L1Loss):
     """Criterion for `funcloss.l1_loss`; see ``torch.nn.L1Loss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _regression.l1_loss(input, target, reduction=self.reduction)
+        return _regression.l1_loss(input, target, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class MSELoss(_Loss):
+class MSELoss(_Loss, nn.MSELoss):
     """Criterion for `funcloss.mse_loss`; see ``torch.nn.MSELoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _regression.mse_loss(input, target, reduction=self.reduction)
+        return _regression.mse_loss(input, target, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class HuberLoss(_Loss):
+class HuberLoss(_Loss, nn.HuberLoss):
     """Criterion for `funcloss.huber_loss`; see ``torch.nn.HuberLoss``."""
 
     _options = ("delta",)
@@ -146,13 +157,13 @@ class HuberLoss(_Loss):
         self.delta = delta
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _regression.huber_loss(input, target, self.reduction, self.delta)
+        return _regression.huber_loss(input, target, self._reduction, self.delta)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class SmoothL1Loss(_Loss):
+class SmoothL1Loss(_Loss, nn.SmoothL1Loss):
     """Criterion for `funcloss.smooth_l1_loss`; see ``torch.nn.SmoothL1Loss``."""
 
     _options = ("beta",)
@@ -164,23 +175,23 @@ class SmoothL1Loss(_Loss):
         self.beta = beta
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _regression.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+        return _regression.smooth_l1_loss(input, target, reduction=self._reduction, beta=self.beta)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class SoftMarginLoss(_Loss):
+class SoftMarginLoss(_Loss, nn.SoftMarginLoss):
     """Criterion for `funcloss.soft_margin_loss`; see ``torch.nn.SoftMarginLoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _margin.soft_margin_loss(input, target, reduction=self.reduction)
+        return _margin.soft_margin_loss(input, target, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class HingeEmbeddingLoss(_Loss):
+class HingeEmbeddingLoss(_Loss, nn.HingeEmbeddingLoss):
     """Criterion for `funcloss.hinge_embedding_loss`; see ``torch.nn.HingeEmbeddingLoss``."""
 
     _options = ("margin",)
@@ -192,13 +203,13 @@ class HingeEmbeddingLoss(_Loss):
         self.margin = margin
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _margin.hinge_embedding_loss(input, target, self.margin, reduction=self.reduction)
+        return _margin.hinge_embedding_loss(input, target, self.margin, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class MarginRankingLoss(_Loss):
+class MarginRankingLoss(_Loss, nn.MarginRankingLoss):
     """Criterion for `funcloss.margin_ranking_loss`; see ``torch.nn.MarginRankingLoss``."""
 
     _options = ("margin",)
@@ -210,13 +221,13 @@ class MarginRankingLoss(_Loss):
         self.margin = margin
 
     def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
-        return _margin.margin_ranking_loss(input1, input2, target, self.margin, reduction=self.reduction)
+        return _margin.margin_ranking_loss(input1, input2, target, self.margin, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class PoissonNLLLoss(_Loss):
+class PoissonNLLLoss(_Loss, nn.PoissonNLLLoss):
     """Criterion for `funcloss.poisson_nll_loss`; see ``torch.nn.PoissonNLLLoss``."""
 
     _options = ("log_input", "full", "eps")
@@ -242,14 +253,14 @@ class PoissonNLLLoss(_Loss):
             self.log_input,
             self.full,
             eps=self.eps,
-            reduction=self.reduction,
+            reduction=self._reduction,
         )
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class GaussianNLLLoss(_Loss):
+class GaussianNLLLoss(_Loss, nn.GaussianNLLLoss):
     """Criterion for `funcloss.gaussian_nll_loss`; see ``torch.nn.GaussianNLLLoss``."""
 
     _options = ("full", "eps")
@@ -260,23 +271,23 @@ class GaussianNLLLoss(_Loss):
         self.eps = eps
 
     def forward(self, input: Tensor, target: Tensor, var: Tensor | float) -> Tensor:
-        return _regression.gaussian_nll_loss(input, target, var, self.full, self.eps, self.reduction)
+        return _regression.gaussian_nll_loss(input, target, var, self.full, self.eps, self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class BCELoss(_WeightedLoss):
+class BCELoss(_WeightedLoss, nn.BCELoss):
     """Criterion for `funcloss.binary_cross_entropy`; see ``torch.nn.BCELoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _probabilistic.binary_cross_entropy(input, target, self.weight, reduction=self.reduction)
+        return _probabilistic.binary_cross_entropy(input, target, self.weight, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class BCEWithLogitsLoss(_Loss):
+class BCEWithLogitsLoss(_Loss, nn.BCEWithLogitsLoss):
     """Criterion for `funcloss.binary_cross_entropy_with_logits`; see ``torch.nn.BCEWithLogitsLoss``."""
 
     weight: Tensor | None
@@ -299,7 +310,7 @@ class BCEWithLogitsLoss(_Loss):
             input,
             target,
             self.weight,
-            reduction=self.reduction,
+            reduction=self._reduction,
             pos_weight=self.pos_weight,
         )
 
@@ -307,7 +318,7 @@ class BCEWithLogitsLoss(_Loss):
         __call__ = forward
 
 
-class KLDivLoss(_Loss):
+class KLDivLoss(_Loss, nn.KLDivLoss):
     """Criterion for `funcloss.kl_div`; see ``torch.nn.KLDivLoss``."""
 
     _options = ("log_target",)
@@ -331,7 +342,7 @@ class KLDivLoss(_Loss):
         __call__ = forward
 
 
-class CrossEntropyLoss(_WeightedLoss):
+class CrossEntropyLoss(_WeightedLoss, nn.CrossEntropyLoss):
     """Criterion for `funcloss.cross_entropy`; see ``torch.nn.CrossEntropyLoss``."""
 
     _options = ("ignore_index", "label_smoothing")
@@ -355,7 +366,7 @@ class CrossEntropyLoss(_WeightedLoss):
             target,
             self.weight,
             ignore_index=self.ignore_index,
-            reduction=self.reduction,
+            reduction=self._reduction,
             label_smoothing=self.label_smoothing,
         )
 
@@ -363,7 +374,7 @@ class CrossEntropyLoss(_WeightedLoss):
         __call__ = forward
 
 
-class NLLLoss(_WeightedLoss):
+class NLLLoss(_WeightedLoss, nn.NLLLoss):
     """Criterion for `funcloss.nll_loss`; see ``torch.nn.NLLLoss``."""
 
     _options = ("ignore_index",)
@@ -381,14 +392,14 @@ class NLLLoss(_WeightedLoss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return _classification.nll_loss(
-            input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction
+            input, target, self.weight, ignore_index=self.ignore_index, reduction=self._reduction
         )
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class MultiMarginLoss(_WeightedLoss):
+class MultiMarginLoss(_WeightedLoss, nn.MultiMarginLoss):
     """Criterion for `funcloss.multi_margin_loss`; see ``torch.nn.MultiMarginLoss``."""
 
     _options = ("p", "margin")
@@ -416,33 +427,33 @@ class MultiMarginLoss(_WeightedLoss):
         self.margin = margin
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _margin.multi_margin_loss(input, target, self.p, self.margin, self.weight, reduction=self.reduction)
+        return _margin.multi_margin_loss(input, target, self.p, self.margin, self.weight, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class MultiLabelMarginLoss(_Loss):
+class MultiLabelMarginLoss(_Loss, nn.MultiLabelMarginLoss):
     """Criterion for `funcloss.multilabel_margin_loss`; see ``torch.nn.MultiLabelMarginLoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _margin.multilabel_margin_loss(input, target, reduction=self.reduction)
+        return _margin.multilabel_margin_loss(input, target, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class MultiLabelSoftMarginLoss(_WeightedLoss):
+class MultiLabelSoftMarginLoss(_WeightedLoss, nn.MultiLabelSoftMarginLoss):
     """Criterion for `funcloss.multilabel_soft_margin_loss`; see ``torch.nn.MultiLabelSoftMarginLoss``."""
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return _margin.multilabel_soft_margin_loss(input, target, self.weight, reduction=self.reduction)
+        return _margin.multilabel_soft_margin_loss(input, target, self.weight, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class CosineEmbeddingLoss(_Loss):
+class CosineEmbeddingLoss(_Loss, nn.CosineEmbeddingLoss):
     """Criterion for `funcloss.cosine_embedding_loss`; see ``torch.nn.CosineEmbeddingLoss``."""
 
     _options = ("margin",)
@@ -454,13 +465,13 @@ class CosineEmbeddingLoss(_Loss):
         self.margin = margin
 
     def forward(self, input1: Tensor, input2: Tensor, target: Tensor) -> Tensor:
-        return _embedding.cosine_embedding_loss(input1, input2, target, self.margin, reduction=self.reduction)
+        return _embedding.cosine_embedding_loss(input1, input2, target, self.margin, reduction=self._reduction)
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class TripletMarginLoss(_Loss):
+class TripletMarginLoss(_Loss, nn.TripletMarginLoss):
     """Criterion for `funcloss.triplet_margin_loss`; see ``torch.nn.TripletMarginLoss``."""
 
     _options = ("margin", "p", "eps", "swap")
@@ -495,14 +506,14 @@ class TripletMarginLoss(_Loss):
             self.p,
             self.eps,
             self.swap,
-            reduction=self.reduction,
+            reduction=self._reduction,
         )
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class TripletMarginWithDistanceLoss(_Loss):
+class TripletMarginWithDistanceLoss(_Loss, nn.TripletMarginWithDistanceLoss):
     """Criterion for `funcloss.triplet_margin_with_distance_loss`; see ``torch.nn.TripletMarginWithDistanceLoss``."""
 
     _options = ("distance_function", "margin", "swap")
@@ -542,14 +553,14 @@ class TripletMarginWithDistanceLoss(_Loss):
             distance_function=distance,
             margin=self.margin,
             swap=self.swap,
-            reduction=self.reduction,
+            reduction=self._reduction,
         )
 
     if TYPE_CHECKING:  # calls type-check against forward (nn.Module.__call__ returns Any)
         __call__ = forward
 
 
-class CTCLoss(_Loss):
+class CTCLoss(_Loss, nn.CTCLoss):
     """Criterion for `funcloss.ctc_loss`; see ``torch.nn.CTCLoss``."""
 
     _options = ("blank", "zero_infinity")
@@ -566,7 +577,7 @@ class CTCLoss(_Loss):
             input_lengths,
             target_lengths,
             self.blank,
-            self.reduction,
+            self._reduction,
             self.zero_infinity,
         )
 
@@ -574,7 +585,7 @@ class CTCLoss(_Loss):
         __call__ = forward
 
 
-class LinearCrossEntropyLoss(_WeightedLoss):
+class LinearCrossEntropyLoss(_WeightedLoss, _TorchLinearCrossEntropyLoss):
     """Criterion for `funcloss.linear_cross_entropy`: a ``linear`` layer's parameters plus the loss.
 
     Same parameters (``linear.weight``, ``linear.bias``), initialisation and state-dict keys as
@@ -624,7 +635,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
             target,
             linear_bias=bias,
             weight=self.weight,
-            reduction=self.reduction,
+            reduction=self._reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
             options=self.options,
@@ -642,7 +653,7 @@ class LinearCrossEntropyLoss(_WeightedLoss):
         )
 
 
-class AdaptiveLogSoftmaxWithLoss(nn.Module):
+class AdaptiveLogSoftmaxWithLoss(nn.AdaptiveLogSoftmaxWithLoss):
     """Criterion for `funcloss.adaptive_log_softmax_with_loss`, with the head and tail layers.
 
     Same parameters (``head.weight``, ``head.bias``, ``tail.<i>.0.weight``,
@@ -662,7 +673,7 @@ class AdaptiveLogSoftmaxWithLoss(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's class's __init__: this one sets all it would
         cut = list(cutoffs)
         if len(cut) == 0:
             raise ValueError("AdaptiveLogSoftmaxWithLoss(...): cutoffs should be a sequence of length larger than 0")
@@ -708,7 +719,8 @@ class AdaptiveLogSoftmaxWithLoss(nn.Module):
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
 
-    def forward(self, input_: Tensor, target_: Tensor) -> ASMOutput:
+    # funcloss's ASMOutput: a NamedTuple with the fields (output, loss) of torch's _ASMoutput.
+    def forward(self, input_: Tensor, target_: Tensor) -> ASMOutput:  # type: ignore[override]
         return _adaptive.adaptive_log_softmax_with_loss(
             input_, target_, self.head.weight, self._tails(), self.cutoffs[:-1], head_bias=self.head.bias
         )
