@@ -290,6 +290,20 @@ BAD_INPUTS: list[BadCase] = [
     # A class weight longer than C would index silently; shorter, with an IndexError.
     ("multi_margin_loss", lambda: ((torch.rand(4, 3), T([0, 1, 2, 1])), {"weight": torch.rand(4)}), "3 elements"),
     ("multi_margin_loss", lambda: ((torch.rand(4, 3), T([0, 1, 2, 1])), {"weight": torch.rand(1)}), "3 elements"),
+    # No classes: torch refuses an empty class dimension (an empty batch is fine).
+    ("multi_margin_loss", lambda: ((torch.rand(4, 0), torch.zeros(4, dtype=torch.int64)), {}), "C >= 1"),
+    ("multi_margin_loss", lambda: ((torch.rand(0), torch.tensor(0)), {}), "C >= 1"),
+    ("multilabel_margin_loss", lambda: ((torch.rand(4, 0), torch.zeros(4, 0, dtype=torch.int64)), {}), "C >= 1"),
+    ("multilabel_margin_loss", lambda: ((torch.rand(0), torch.zeros(0, dtype=torch.int64)), {}), "C >= 1"),
+    ("multi_margin_loss", lambda: ((torch.rand(2, 3), T([[1], [0]])), {}), "target of shape"),
+    ("multi_margin_loss", lambda: ((torch.rand(2, 3), T(1)), {}), "target of shape"),
+    ("multilabel_margin_loss", lambda: ((torch.rand(1, 3), T([0, 1, -1])), {}), "inconsistent target size"),
+    ("multilabel_margin_loss", lambda: ((torch.rand(3), T([0])), {}), "inconsistent target size"),
+    # A scalar input with an integer scalar target: torch takes the target, of the input's
+    # shape, as class probabilities and refuses its dtype first; with a float one, the dimension.
+    ("cross_entropy", lambda: ((torch.randn(()), T(0)), {}), "floating point"),
+    ("cross_entropy", lambda: ((torch.randn(()), torch.tensor(0.0)), {}), "dimensions"),
+    ("cross_entropy", lambda: ((torch.randn(()), T(0)), {"label_smoothing": 0.2}), "floating point"),
 ]
 
 
@@ -725,7 +739,8 @@ def test_weights_of_another_dtype_as_torch(weight_dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("name", ["nll_loss", "cross_entropy"])
 def test_unbatched_input_takes_a_one_element_target(name: str) -> None:
     """torch accepts a ``(1,)`` target for an unbatched ``(C,)`` input (a scalar loss) and
-    refuses a longer one with ValueError; a scalar input is an IndexError for cross_entropy."""
+    refuses a longer one with ValueError; a scalar input with a scalar index target is a
+    RuntimeError for cross_entropy (the target, of the input's shape, read as probabilities)."""
     x = torch.randn(5, generator=torch.Generator().manual_seed(0)).log_softmax(0).requires_grad_()
     for reduction in ("none", "mean", "sum"):
         for target in (torch.tensor([3]), torch.tensor([-100])):
@@ -737,8 +752,67 @@ def test_unbatched_input_takes_a_one_element_target(name: str) -> None:
         getattr(fl, name)(x, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="1D target must have size 1"):
         getattr(F, name)(x, torch.tensor([1, 2]))
-    with pytest.raises(IndexError if name == "cross_entropy" else ValueError, match="dimension"):
+    exc = RuntimeError if name == "cross_entropy" else ValueError
+    with pytest.raises(exc):
+        getattr(F, name)(x[0].detach(), torch.tensor(0))
+    with pytest.raises(exc, match="dimension"):
         getattr(fl, name)(x[0], torch.tensor(0))
+
+
+def test_negative_label_smoothing_is_refused_where_torch_ignores_it() -> None:
+    """torch checks only the upper bound and computes a negative label_smoothing as none at
+    all; funcloss refuses it, as it refuses one above 1."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 5, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    w = torch.randn(7, 5, generator=gen)
+    torch.testing.assert_close(F.cross_entropy(x, y, label_smoothing=-0.1), F.cross_entropy(x, y))
+    with pytest.raises(RuntimeError, match=r"label_smoothing in \[0, 1\], got -0.1"):
+        fl.cross_entropy(x, y, label_smoothing=-0.1)
+    with pytest.raises(RuntimeError, match=r"label_smoothing in \[0, 1\], got -0.1"):
+        fl.cross_entropy(x, torch.rand(4, 5, generator=gen), label_smoothing=-0.1)  # probabilities
+    with pytest.raises(RuntimeError, match=r"label_smoothing in \[0, 1\], got -0.1"):
+        fl.linear_cross_entropy(x, w, y, label_smoothing=-0.1)
+
+
+# (scores shape, target shape) pairs torch's margin kernels take: a scalar score is one class,
+# an unbatched input takes a scalar or one-element target (multi_margin: "none" keeps the
+# target's shape), and multilabel_margin's unbatched target is any C elements up to 1-D.
+MARGIN_TARGET_SHAPES = [
+    ("multi_margin_loss", (), ()),
+    ("multi_margin_loss", (), (1,)),
+    ("multi_margin_loss", (5,), ()),
+    ("multi_margin_loss", (5,), (1,)),
+    ("multi_margin_loss", (1, 5), ()),
+    ("multi_margin_loss", (1, 5), (1,)),
+    ("multi_margin_loss", (3, 5), (3,)),
+    ("multilabel_margin_loss", (), ()),
+    ("multilabel_margin_loss", (), (1,)),
+    ("multilabel_margin_loss", (1,), ()),
+    ("multilabel_margin_loss", (5,), (5,)),
+    ("multilabel_margin_loss", (2, 5), (2, 5)),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "target_shape"), MARGIN_TARGET_SHAPES, ids=repr)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_margin_losses_take_torchs_target_shapes(
+    name: str, shape: tuple[int, ...], target_shape: tuple[int, ...], reduction: str
+) -> None:
+    gen = torch.Generator().manual_seed(len(shape) + 3 * len(target_shape))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    classes = shape[-1] if shape else 1
+    low = 0 if name == "multi_margin_loss" else -1
+    target = torch.randint(low, classes, target_shape, generator=gen)
+    results = []
+    for fn in (getattr(F, name), getattr(fl, name)):
+        leaf = x.clone().requires_grad_()
+        loss = fn(leaf, target, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        results.append((loss, grad))
+    (theirs, their_grad), (ours, our_grad) = results
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad)
 
 
 def test_ctc_target_shapes_as_torch() -> None:

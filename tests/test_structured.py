@@ -457,6 +457,24 @@ def test_ctc_errors() -> None:
         fl.ctc_loss(logits.log_softmax(-1), t, torch.tensor([13, 9, 5]), tl)
 
 
+@pytest.mark.parametrize("bad", [6, 7, -1])
+def test_ctc_refuses_target_classes_out_of_range(bad: int) -> None:
+    """A target class outside [0, C) within target_lengths is an IndexError (torch's CPU kernel
+    reads outside log_probs there); padding past target_lengths is never read."""
+    logits, t, il, tl = _ctc_inputs()  # 6 classes
+    lp = logits.log_softmax(-1)
+    out_of_range = t.clone()
+    out_of_range[1, 1] = bad
+    with pytest.raises(IndexError, match=f"in \\[0, 5\\] within target_lengths, got {bad}"):
+        fl.ctc_loss(lp, out_of_range, il, tl)
+    concatenated = torch.cat([out_of_range[i, : int(n)] for i, n in enumerate(tl)])
+    with pytest.raises(IndexError, match=f"got {bad}"):
+        fl.ctc_loss(lp, concatenated, il, tl)
+    padding = t.clone()
+    padding[2, 3] = bad  # past the last sequence's one label
+    torch.testing.assert_close(fl.ctc_loss(lp, padding, il, tl), F.ctc_loss(lp, t, il, tl))
+
+
 def test_ctc_eager_double_backward_is_refused_not_wrong() -> None:
     """The eager fast path's backward is first-order; torch.func.hessian takes the other path."""
     logits, t, il, tl = _ctc_inputs()

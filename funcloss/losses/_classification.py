@@ -373,6 +373,14 @@ def _cross_entropy(
             f"cross_entropy(...): expected label_smoothing in [0, 1], got {label_smoothing}. "
             "label_smoothing must be between 0.0 and 1.0."
         )
+    if input.dim() == 0 and target.dim() == 0 and not target.is_floating_point():
+        # torch reads a target of the input's shape as class probabilities and checks its dtype
+        # before the input's dimensions.
+        raise RuntimeError(
+            "cross_entropy(...): expected input with 1 or more dimensions (C,) or (N, C, ...), got a scalar; "
+            f"its {target.dtype} scalar target, of the input's shape, would be class probabilities, which must "
+            "be floating point."
+        )
     class_dim = _class_dim("cross_entropy", input, IndexError)  # torch: a dimension out of range
     classes = input.size(class_dim)
     _check_class_weight("cross_entropy", weight, classes, None if target.is_floating_point() else input.dtype)

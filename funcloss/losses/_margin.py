@@ -135,15 +135,19 @@ def margin_ranking_loss(
 
 
 def _check_index_classes(fn: str, input: Tensor, target: Tensor) -> tuple[Tensor, int]:
-    if input.dim() not in (1, 2):
-        raise RuntimeError(f"{fn}(...): expected input of shape (N, C) or (C,), got {tuple(input.shape)}.")
+    """The number of classes (1 for a scalar score, which torch's kernels take as one class)."""
+    if input.dim() > 2 or (input.dim() > 0 and input.size(-1) == 0):
+        raise RuntimeError(
+            f"{fn}(...): expected scores of shape (N, C) or (C,) with C >= 1 (a scalar is one class), got "
+            f"{tuple(input.shape)}. Expected non-empty vector or matrix with optional 0-dim batch size."
+        )
     if not input.is_floating_point():
         raise NotImplementedError(
             f"{fn}(...): expected floating-point scores, got {input.dtype} (torch's kernel is not implemented for it)."
         )
     if target.dtype != torch.int64:  # torch's margin kernels take Long only (nll takes Byte too)
         raise RuntimeError(f"{fn}(...): expected int64 class-index targets, got {target.dtype}. Use target.long().")
-    return target, input.size(-1)
+    return target, input.size(-1) if input.dim() else 1
 
 
 @float32_under_autocast
@@ -165,8 +169,9 @@ def multi_margin_loss(
     kernel returns uninitialised memory there.
 
     Args:
-        input: scores ``(N, C)`` or ``(C,)``.
-        target: class indices ``(N,)`` or a scalar, in ``[0, C)`` (checked in eager mode).
+        input: scores ``(N, C)``, ``(C,)``, or a scalar (one class, a loss of 0), as torch.
+        target: class indices ``(N,)``, or with one sample a scalar or ``(1,)``, in ``[0, C)``
+            (checked in eager mode). ``"none"`` gives the target's shape.
         p: 1 or 2.
         margin: ``Delta``.
         weight: ``(C,)`` per-class weights.
@@ -193,11 +198,17 @@ def multi_margin_loss(
             f"multi_margin_loss(...): expected a weight of {classes} elements, one per class, got "
             f"{weight.numel()}. inconsistent weight size."
         )
-    expected_target = input.shape[:-1]
-    if tuple(target.shape) != tuple(expected_target):
+    # As torch: one target per sample, as (N,) or (with one sample) a scalar; "none" gives the
+    # target's shape.
+    frames = input.size(0) if input.dim() == 2 else 1
+    if target.dim() > 1 or target.numel() != frames:
         raise RuntimeError(
-            f"multi_margin_loss(...): expected target of shape {tuple(expected_target)}, got {tuple(target.shape)}."
+            f"multi_margin_loss(...): expected target of shape ({frames},)"
+            f"{' or ()' if frames == 1 else ''} for scores {tuple(input.shape)}, got {tuple(target.shape)}. "
+            "target tensor should be 1-D with size equal to the number of input samples."
         )
+    out_shape = target.shape
+    input, target = input.reshape(frames, classes), target.reshape(frames)
     # On accelerators the gather below is the range check, a device-side assertion as in torch.
     check_range(
         target,
@@ -221,7 +232,7 @@ def multi_margin_loss(
     values = h.mean(-1) - max(margin, 0.0) ** p / classes
     if weight is not None:
         values = values * class_values(weight, target)
-    return reduce(values, reduction)
+    return reduce(values.reshape(out_shape), reduction)
 
 
 # Up to this many classes multilabel_margin_loss forms the (S, C) pairwise hinges; above it,
@@ -246,19 +257,28 @@ def multilabel_margin_loss(
     torch's kernel returns uninitialised memory there.
 
     Args:
-        input: scores ``(N, C)`` or ``(C,)``.
-        target: int64 of the input's shape: class indices padded with -1.
+        input: scores ``(N, C)``, ``(C,)``, or a scalar (one class, a loss of 0), as torch.
+        target: int64 class indices padded with -1, ``(N, C)`` for a batch; for an unbatched
+            input its ``C`` elements as ``(C,)`` (or a scalar for one class). ``"none"`` gives
+            ``(N,)`` for a batch, a scalar otherwise.
         reduction: ``"none"`` | ``"mean"`` | ``"sum"``.
 
     See also: ``torch.nn.functional.multilabel_margin_loss``.
     """
     check_reduction("multilabel_margin_loss", reduction)
     target, classes = _check_index_classes("multilabel_margin_loss", input, target)
-    if target.shape != input.shape:
+    # As torch: an unbatched (C,) or scalar input takes any target of C elements up to 1-D, and
+    # gives a scalar loss under "none" too.
+    batched = input.dim() == 2
+    if target.shape != input.shape if batched else target.dim() > 1 or target.numel() != classes:
         raise RuntimeError(
             f"multilabel_margin_loss(...): expected target of the input's shape {tuple(input.shape)}, "
             f"got {tuple(target.shape)}. inconsistent target size."
         )
+    if not batched:
+        return multilabel_margin_loss(
+            input.reshape(1, classes), target.reshape(1, classes), reduction=reduction
+        ).reshape(())
     check_range(
         target,
         -1,

@@ -175,11 +175,7 @@ def ctc_loss(
     )
     valid = torch.arange(width, device=device) < tgt_len.unsqueeze(1)
     labels = torch.where(valid, padded, torch.full_like(padded, blank)).clamp(0, classes - 1)
-    check_values(
-        lambda: ~(valid & (padded == blank)),
-        RuntimeError,
-        lambda: f"ctc_loss(...): expected targets other than the blank ({blank}) within target_lengths.",
-    )
+    _check_labels(padded, valid, classes, blank)
     ll = _log_likelihood(log_probs, labels, in_len, tgt_len, blank)
     neg = _neg(log_probs.dtype)
     infeasible = ll < neg / 2
@@ -190,6 +186,24 @@ def ctc_loss(
     if reduction == "sum":
         return loss.sum()
     return loss[0] if unbatched else loss
+
+
+def _check_labels(padded: Tensor, valid: Tensor, classes: int, blank: int) -> None:
+    """In eager mode, refuse a target class within ``target_lengths`` outside ``[0, C)``
+    (``IndexError``; torch's CPU kernel reads outside ``log_probs`` there) or equal to the blank
+    (``RuntimeError``): both read with one synchronisation."""
+    if not is_eager():
+        return
+    inside = (padded >= 0) & (padded < classes)
+    out_of_range, blank_label = torch.stack([(valid & ~inside).any(), (valid & (padded == blank)).any()]).tolist()
+    if out_of_range:
+        bad = int(padded[valid & ~inside][0])
+        raise IndexError(
+            f"ctc_loss(...): expected target classes in [0, {classes - 1}] within target_lengths, got {bad}. "
+            f"log_probs has {classes} classes."
+        )
+    if blank_label:
+        raise RuntimeError(f"ctc_loss(...): expected targets other than the blank ({blank}) within target_lengths.")
 
 
 def _extended(labels: Tensor, blank: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
