@@ -304,6 +304,12 @@ BAD_INPUTS: list[BadCase] = [
     ("cross_entropy", lambda: ((torch.randn(()), T(0)), {}), "floating point"),
     ("cross_entropy", lambda: ((torch.randn(()), torch.tensor(0.0)), {}), "dimensions"),
     ("cross_entropy", lambda: ((torch.randn(()), T(0)), {"label_smoothing": 0.2}), "floating point"),
+    # A batched input's batch size is checked before the target's dtype, as in torch.
+    ("cross_entropy", lambda: ((torch.randn(4, 5), torch.rand(2)), {}), "batch_size"),
+    ("nll_loss", lambda: ((torch.randn(4, 5), torch.rand(())), {}), "batch_size"),
+    ("cross_entropy", lambda: ((torch.randn(4, 5, 3), torch.rand(4, 2)), {}), "target size"),
+    ("nll_loss", lambda: ((torch.randn(0, 5), T(1)), {}), "batch dimension"),
+    ("cross_entropy", lambda: ((torch.randn(0, 5), torch.rand(())), {}), "Long or Byte"),
 ]
 
 
@@ -748,6 +754,20 @@ def test_unbatched_input_takes_a_one_element_target(name: str) -> None:
             theirs = getattr(F, name)(x, target, reduction=reduction)
             assert ours.shape == theirs.shape
             torch.testing.assert_close(ours, theirs, equal_nan=True)
+            # torch's backward refuses the (1,) target it took ("size mismatch"), as does its
+            # label smoothing: funcloss's gradient is that of the scalar target.
+            with pytest.raises(RuntimeError, match="size mismatch"):
+                torch.autograd.grad(theirs, x)
+            (ours_grad,) = torch.autograd.grad(ours, x)
+            (scalar_grad,) = torch.autograd.grad(getattr(F, name)(x, target[0], reduction=reduction), x)
+            torch.testing.assert_close(ours_grad, scalar_grad, equal_nan=True)
+    if name == "cross_entropy":
+        with pytest.raises(RuntimeError, match="broadcast shape"):
+            F.cross_entropy(x, torch.tensor([3]), label_smoothing=0.2)
+        torch.testing.assert_close(
+            fl.cross_entropy(x, torch.tensor([3]), label_smoothing=0.2),
+            F.cross_entropy(x, torch.tensor(3), label_smoothing=0.2),
+        )
     with pytest.raises(ValueError, match="1D target must have size 1"):
         getattr(fl, name)(x, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="1D target must have size 1"):

@@ -40,13 +40,11 @@ def _class_dim(fn: str, input: Tensor, exc: type[Exception] = ValueError) -> int
 
 def _check_index_target(fn: str, input_shape: tuple[int, ...], target: Tensor, class_dim: int) -> Tensor:
     """Check class-index targets against the scores' shape; returns them, an unbatched
-    input's one-element ``(1,)`` target (which torch accepts) as a scalar."""
-    if target.dtype not in (torch.int64, torch.uint8):
-        raise RuntimeError(
-            f"{fn}(...): expected target dtype to be Long or Byte (class indices), got {target.dtype}. "
-            "Convert with target.long(); for class probabilities pass a float target of the input's shape."
-        )
+    input's one-element ``(1,)`` target (which torch accepts) as a scalar. The checks come in
+    torch's order (a batched input's batch size before the target's dtype), so a bad target
+    gets torch's exception class."""
     if class_dim == 0:
+        _check_index_dtype(fn, target)
         if target.dim() == 1 and target.size(0) == 1:
             return target.reshape(())
         if target.dim() == 1:
@@ -59,13 +57,27 @@ def _check_index_target(fn: str, input_shape: tuple[int, ...], target: Tensor, c
                 f"{fn}(...): expected a 0-dim target for unbatched input {input_shape}, got {tuple(target.shape)}."
             )
         return target
+    if target.dim() == 0 and input_shape[0] == 0:
+        # torch takes a scalar's batch size as 0, which an empty batch matches; its dim 0 then
+        # does not exist (after the dtype check, there).
+        _check_index_dtype(fn, target)
+        raise IndexError(f"{fn}(...): expected a target with a batch dimension for input {input_shape}, got a scalar.")
     if target.dim() == 0 or target.size(0) != input_shape[0]:
         got = target.size(0) if target.dim() else "a scalar"
         raise ValueError(f"{fn}(...): expected input batch_size ({input_shape[0]}) to match target batch_size ({got}).")
     expected = (input_shape[0], *input_shape[2:])
     if tuple(target.shape) != expected:
         raise RuntimeError(f"{fn}(...): expected target size {list(expected)}, got {list(target.shape)}.")
+    _check_index_dtype(fn, target)
     return target
+
+
+def _check_index_dtype(fn: str, target: Tensor) -> None:
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError(
+            f"{fn}(...): expected target dtype to be Long or Byte (class indices), got {target.dtype}. "
+            "Convert with target.long(); for class probabilities pass a float target of the input's shape."
+        )
 
 
 def _check_class_weight(fn: str, weight: Tensor | None, classes: int, dtype: torch.dtype | None = None) -> None:
