@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar, cast, overload
@@ -19,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 P = ParamSpec("P")
 T = TypeVar("T")
 Randomness = Literal["error", "different", "same"]
+Method = Literal["auto", "vmap", "loop"]
 Grads = dict[str, Tensor]
 # A batch of model inputs or targets: one tensor, or several (each with the sample on dim 0)
 # passed positionally (a tuple) or by keyword (a mapping).
@@ -194,8 +196,8 @@ def _vmap_advice(model: nn.Module, fn: str) -> Iterator[None]:
         )
         raise RuntimeError(
             f"{fn}(...): expected a model torch.func.vmap can batch, got {kind} '{name}', whose fused kernel "
-            f"it cannot ({e}). Unroll the sequence with {cell} in a Python loop over time steps (the cells "
-            "batch), or compute this model's per-sample gradients with a loop."
+            f"it cannot ({e}). Pass method='loop' (one backward per sample), or unroll the sequence with "
+            f"{cell} in a Python loop over time steps (the cells batch)."
         ) from e
 
 
@@ -288,6 +290,73 @@ def _check_batch(fn: str, inputs: Batch, targets: Batch) -> tuple[Batch, Batch]:
     return checked[0], checked[1]
 
 
+def _rng_state(devices: list[torch.device]) -> list[Tensor]:
+    """The default generators' states: the CPU's, and those of the CUDA ``devices``."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+
+
+def _set_rng_state(states: list[Tensor], devices: list[torch.device]) -> None:
+    torch.set_rng_state(states[0])
+    for state, device in zip(states[1:], devices):
+        torch.cuda.set_rng_state(state, device)
+
+
+def _differ(a: Tensor, b: Tensor) -> bool:
+    return not torch.equal(a, b)
+
+
+def _loop_grads(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    loss_kwargs: Mapping[str, Any],
+    randomness: Randomness,
+    fn: str,
+    progress: bool,
+) -> Callable[[Grads, Batch, Batch], Grads]:
+    """``method="loop"``: a chunk's per-sample gradients, one ``torch.autograd.grad`` call per
+    sample through the model itself (any model, a fused RNN included; no vmap). Same call form
+    as a `per_sample_grad` transform of the example loss.
+
+    Randomness: ``"different"`` lets each sample draw its own; ``"same"`` restores the default
+    generators before every sample, so all draw what the first does; ``"error"`` raises if a
+    sample's forward or backward draws from them at all."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    # The CUDA generators that matter: those of the devices the model is on.
+    devices = sorted({p.device for _, p in model.named_parameters() if p.device.type == "cuda"}, key=str)
+
+    def chunk(params: Grads, inputs: Batch, targets: Batch) -> Grads:
+        del params  # the model's own parameters are differentiated
+        b = batch_size(inputs)
+        out = {name: torch.empty((b, *p.shape), dtype=p.dtype, device=p.device) for name, p in trainable}
+        start = _rng_state(devices) if randomness != "different" else None
+        shown = time.monotonic()
+        for i in range(b):
+            if randomness == "same" and start is not None:
+                _set_rng_state(start, devices)
+            rows = slice(i, i + 1)
+            with torch.enable_grad():
+                loss = loss_fn(call_model(model, rows_of(inputs, rows)), rows_of(targets, rows), **loss_kwargs)
+                grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
+            drew = randomness == "error" and start is not None and any(map(_differ, start, _rng_state(devices)))
+            if drew:
+                raise RuntimeError(
+                    f"{fn}(...): expected a model and loss that draw no random numbers under "
+                    "randomness='error', got a draw (dropout in training mode, say). Call model.eval(), or "
+                    "pass randomness='different' (each sample its own draw) or 'same'."
+                )
+            for (name, _), g in zip(trainable, grads):
+                if g is None:
+                    out[name][i].zero_()
+                else:
+                    out[name][i].copy_(g)
+            if progress and time.monotonic() - shown > 0.5:
+                shown = time.monotonic()
+                print(f"\r{fn}: sample {i + 1}/{b} of this chunk", end="", file=sys.stderr)
+        return out
+
+    return chunk
+
+
 def per_sample_grads(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -296,7 +365,7 @@ def per_sample_grads(
     *,
     chunk_size: int | None = None,
     randomness: Randomness = "different",
-    method: Literal["auto", "vmap"] = "auto",
+    method: Method = "auto",
     progress: bool = False,
     **loss_kwargs: Any,
 ) -> Grads:
@@ -326,7 +395,10 @@ def per_sample_grads(
             (``g_i a_i^T`` per Linear, token rows per Embedding, output gradient contracted
             with the input's patches per convolution, ``g_i * x_hat_i`` summed over positions
             per normalisation); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
-            Both assume, as the definition above does, that the model treats samples
+            ``"loop"``: one ``torch.autograd.grad`` per sample through the model itself, for
+            models ``vmap`` cannot batch (a fused ``nn.LSTM``/``GRU``/``RNN``, custom
+            autograd Functions without a vmap rule); about as slow as a Python loop is.
+            All assume, as the definition above does, that the model treats samples
             independently.
         **loss_kwargs: passed to ``loss_fn``.
 
@@ -336,8 +408,8 @@ def per_sample_grads(
     """
     inputs, targets = _check_batch("per_sample_grads", inputs, targets)
     _check_model(model, "per_sample_grads")
-    if method not in ("auto", "vmap"):
-        raise ValueError(f"per_sample_grads(...): expected method 'auto' or 'vmap', got {method!r}.")
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"per_sample_grads(...): expected method 'auto', 'vmap' or 'loop', got {method!r}.")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"per_sample_grads(...): expected chunk_size >= 1 or None, got {chunk_size}.")
     params = _trainable(model, "per_sample_grads")
@@ -349,8 +421,13 @@ def per_sample_grads(
         fast = layer_grads(model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs, progress=progress)
         if fast is not None:
             return fast
-    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
-    per_chunk = per_sample_grad(loss, randomness=randomness)
+    if method == "loop":
+        per_chunk: Callable[[Grads, Batch, Batch], Grads] = _loop_grads(
+            model, loss_fn, loss_kwargs, randomness, "per_sample_grads", progress
+        )
+    else:
+        loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+        per_chunk = per_sample_grad(loss, randomness=randomness)
     result: Grads = {}
     with _vmap_advice(model, "per_sample_grads"):
         if size >= n:
@@ -432,7 +509,7 @@ def grad_stats(
     groups: Tensor | None = None,
     randomness: Randomness = "different",
     progress: bool = False,
-    method: Literal["auto", "vmap"] = "auto",
+    method: Method = "auto",
     **loss_kwargs: Any,
 ) -> GradStats:
     """Statistics of the per-sample gradients, computed chunk by chunk.
@@ -455,8 +532,10 @@ def grad_stats(
             then over the groups' mean gradients, one "sample" per group, as the AND-mask
             of Parascandolo et al. uses per-environment gradients. Memory ``G x P``.
         progress: print a progress line to stderr.
-        method: ``"auto"`` (per-layer moments where the layers allow, else ``vmap``) or
-            ``"vmap"`` (always per-sample gradients per chunk). The per-layer path keeps one
+        method: ``"auto"`` (per-layer moments where the layers allow, else ``vmap``),
+            ``"vmap"`` (always per-sample gradients per chunk) or ``"loop"`` (each chunk's
+            per-sample gradients one ``torch.autograd.grad`` at a time, for models ``vmap``
+            cannot batch, as in `per_sample_grads`). The per-layer path keeps one
             scratch buffer for its temporaries between calls, per thread, dtype and device, of
             at most ``2**22`` elements (16 MiB in float32).
 
@@ -485,8 +564,8 @@ def grad_stats(
         raise ValueError(
             f"grad_stats(...): expected integer groups of shape ({n},), got {groups.dtype} {tuple(groups.shape)}."
         )
-    if method not in ("auto", "vmap"):
-        raise ValueError(f"grad_stats(...): expected method 'auto' or 'vmap', got {method!r}.")
+    if method not in ("auto", "vmap", "loop"):
+        raise ValueError(f"grad_stats(...): expected method 'auto', 'vmap' or 'loop', got {method!r}.")
     if groups is None and method == "auto" and randomness == "different":
         from ._moments import layer_moments
 
@@ -502,8 +581,13 @@ def grad_stats(
         )
         if fast is not None:
             return fast
-    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
-    per_chunk = per_sample_grad(loss, randomness=randomness)
+    if method == "loop":
+        per_chunk: Callable[[Grads, Batch, Batch], Grads] = _loop_grads(
+            model, loss_fn, loss_kwargs, randomness, "grad_stats", progress
+        )
+    else:
+        loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+        per_chunk = per_sample_grad(loss, randomness=randomness)
     if groups is not None:
         with _vmap_advice(model, "grad_stats"):
             return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)

@@ -1061,19 +1061,88 @@ class _Recurrent(nn.Module):
 
 
 def test_fused_recurrent_layers_are_refused_with_advice_and_cells_work() -> None:
-    """torch.func cannot batch nn.LSTM's fused kernel: the error names the layer and the cell
-    to unroll instead; the unrolled LSTMCell model matches a loop."""
+    """torch.func cannot batch nn.LSTM's fused kernel: the error names the layer, method='loop'
+    and the cell to unroll instead; the unrolled LSTMCell model matches a loop."""
     torch.manual_seed(0)
     x, y = torch.randn(5, 4, 4, dtype=D), torch.randint(0, 3, (5,))
     fused = _Recurrent(cell=False).double()
-    with pytest.raises(RuntimeError, match=r"per_sample_grads.*LSTM 'rnn'.*nn\.LSTMCell"):
+    with pytest.raises(RuntimeError, match=r"per_sample_grads.*LSTM 'rnn'.*method='loop'.*nn\.LSTMCell"):
         fl.per_sample_grads(fused, fl.cross_entropy, x, y)
-    with pytest.raises(RuntimeError, match=r"grad_stats.*LSTM 'rnn'.*nn\.LSTMCell"):
+    with pytest.raises(RuntimeError, match=r"grad_stats.*LSTM 'rnn'.*method='loop'.*nn\.LSTMCell"):
         fl.grad_stats(fused, fl.cross_entropy, x, y)
     unrolled = _Recurrent(cell=True).double()
     ours = fl.per_sample_grads(unrolled, fl.cross_entropy, x, y)
     for name, v in _loop(unrolled, fl.cross_entropy, x, y).items():
         torch.testing.assert_close(ours[name], v)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_loop_method_takes_models_vmap_cannot_batch(chunk: int | None, device: str) -> None:
+    """method='loop' differentiates the fused LSTM sample by sample: per-sample gradients,
+    streamed statistics and per-group statistics all match a loop of single-sample backwards,
+    and the model's .grad stays untouched."""
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 4, dtype=D, device=device), torch.randint(0, 3, (5,), device=device)
+    fused = _Recurrent(cell=False).double().to(device)
+    expected = _loop(fused, fl.cross_entropy, x, y)
+    ours = fl.per_sample_grads(fused, fl.cross_entropy, x, y, method="loop", chunk_size=chunk)
+    assert list(ours) == list(expected)
+    for name, v in expected.items():
+        torch.testing.assert_close(ours[name], v)
+    _assert_stats_match(fl.grad_stats(fused, fl.cross_entropy, x, y, method="loop", chunk_size=chunk), expected)
+    groups = torch.tensor([0, 1, 0, 2, 1], device=device)
+    by_group = fl.grad_stats(fused, fl.cross_entropy, x, y, method="loop", groups=groups, chunk_size=chunk)
+    group_means = {k: torch.stack([v[groups == g].mean(0) for g in range(3)]) for k, v in expected.items()}
+    _assert_stats_match(by_group, group_means)
+    assert all(p.grad is None for p in fused.parameters())
+
+
+class _Dropped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(4, 16), nn.Dropout(0.5), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.fc2(self.drop(torch.relu(self.fc1(x))))
+        return out
+
+
+def test_loop_method_randomness() -> None:
+    """Under method='loop', 'same' gives every sample the draw of one seeded single-sample
+    backward, 'different' gives them their own draws, and 'error' refuses a model that draws
+    (and takes it in eval mode)."""
+    model = _Dropped().double()
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    named = [p for p in model.parameters()]
+    torch.manual_seed(7)
+    same = fl.per_sample_grads(model, fl.cross_entropy, x, y, method="loop", randomness="same")
+    for i in range(6):
+        torch.manual_seed(7)
+        one = torch.autograd.grad(fl.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), named)
+        for (name, _), g in zip(model.named_parameters(), one):
+            torch.testing.assert_close(same[name][i], g)
+    torch.manual_seed(7)
+    different = fl.per_sample_grads(model, fl.cross_entropy, x, y, method="loop", randomness="different")
+    assert not torch.equal(different["fc1.weight"], same["fc1.weight"])
+    with pytest.raises(RuntimeError, match=r"draw no random numbers.*model\.eval"):
+        fl.per_sample_grads(model, fl.cross_entropy, x, y, method="loop", randomness="error")
+    with pytest.raises(RuntimeError, match="draw no random numbers"):
+        fl.grad_stats(model, fl.cross_entropy, x, y, method="loop", randomness="error")
+    model.eval()
+    strict = fl.per_sample_grads(model, fl.cross_entropy, x, y, method="loop", randomness="error")
+    for name, v in _loop(model, fl.cross_entropy, x, y).items():
+        torch.testing.assert_close(strict[name], v)
+
+
+def test_unknown_method_is_refused() -> None:
+    model, x, y = nn.Linear(3, 2).double(), torch.randn(4, 3, dtype=D), torch.randint(0, 2, (4,))
+    for fn in (fl.per_sample_grads, fl.grad_stats):
+        with pytest.raises(ValueError, match="expected method 'auto', 'vmap' or 'loop', got 'loops'"):
+            fn(model, fl.cross_entropy, x, y, method="loops")  # type: ignore[arg-type]
 
 
 class _Attention(nn.Module):
