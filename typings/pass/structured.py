@@ -47,6 +47,7 @@ grads: dict[str, Tensor] = fl.per_sample_grads(model, fl.cross_entropy, logits, 
 stats = fl.grad_stats(model, fl.cross_entropy, logits, labels % 3, groups=labels % 2, label_smoothing=0.1)
 several = fl.per_sample_grads(model, fl.cross_entropy, (logits,), labels % 3)  # model(*inputs)
 by_name = fl.grad_stats(model, fl.cross_entropy, {"input": logits}, labels % 3)  # model(**inputs)
+looped = fl.per_sample_grads(model, fl.cross_entropy, logits, labels % 3, method="loop", randomness="same")
 agreement: dict[str, Tensor] = fl.sign_agreement(stats)
 mask: dict[str, Tensor] = fl.and_mask(grads, 0.8, rescale=True)
 report: str = str(fl.sign_report(stats))
