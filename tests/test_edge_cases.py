@@ -57,6 +57,31 @@ def test_kl_div_batchmean_of_empty_batch_is_nan_like_torch() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "target_shape"),
+    [((1,), (3,)), ((3,), (4, 3)), ((4, 3), (2, 4, 3)), ((3,), (0, 3)), ((4, 1), (4, 3)), ((), (2, 3))],
+    ids=repr,
+)
+@pytest.mark.parametrize("log_target", [False, True])
+def test_kl_div_batchmean_divides_by_the_inputs_batch_when_the_target_broadcasts(
+    shape: tuple[int, ...], target_shape: tuple[int, ...], log_target: bool
+) -> None:
+    """torch's "batchmean" is the sum over the broadcast values divided by ``input.size(0)``,
+    not by the broadcast shape's first dimension."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(shape, generator=gen, dtype=torch.float64), torch.rand(target_shape, generator=gen).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the size-mismatch warning of a broadcast target
+        results = []
+        for fn in (F.kl_div, fl.kl_div):
+            leaf = x.clone().requires_grad_()
+            loss = fn(leaf, y, reduction="batchmean", log_target=log_target)
+            results.append((loss, torch.autograd.grad(loss, leaf)[0]))
+    (theirs, their_grad), (ours, our_grad) = results
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    torch.testing.assert_close(our_grad, their_grad, equal_nan=True)
+
+
 def test_l1_weighted_mean_divides_by_weight_sum_but_huber_by_count() -> None:
     x, y, w = torch.randn(4, 3), torch.randn(4, 3), torch.rand(4, 3) + 0.5
     expected_l1 = ((x - y).abs() * w).sum() / w.sum()

@@ -270,5 +270,10 @@ def kl_div(
     else:
         values = torch.addcmul(torch.xlogy(target, target), target, input, value=-1.0)
     if reduction == "batchmean":
-        return batchmean(values) if input.dim() != 0 else values.sum()
+        if input.dim() == 0:
+            return values.sum()
+        if values.shape[:1] == input.shape[:1]:
+            return batchmean(values)
+        # A target that broadcasts the input to more rows: torch still divides by the input's.
+        return values.sum() / input.size(0)
     return reduce(values, reduction)
