@@ -883,6 +883,21 @@ def test_ctc_target_shapes_as_torch() -> None:
         F.ctc_loss(lp[0, 0, 0], t, il, tl)
     with pytest.raises(IndexError, match="expected log_probs"):
         fl.ctc_loss(lp[0, 0, 0], t, il, tl)
+    # Padded targets hold one row per sequence (torch does not broadcast a single row).
+    for padded in (t[:1], torch.cat([t, t[:1]])):
+        with pytest.raises(RuntimeError):
+            F.ctc_loss(lp, padded, il, tl)
+        with pytest.raises(RuntimeError, match=r"one row per sequence \(3, S\)"):
+            fl.ctc_loss(lp, padded, il, tl)
+    # Unbatched: a 1-D target is the concatenated form of one sequence, exactly
+    # target_length labels; a (1, S) one is padded.
+    one, length = lp[:, 0], torch.tensor(2)
+    with pytest.raises(RuntimeError):
+        F.ctc_loss(one, t[0], il[0], length)
+    with pytest.raises(RuntimeError, match="sum\\(target_lengths\\) = 2"):
+        fl.ctc_loss(one, t[0], il[0], length)
+    for target in (t[0, :2], t[:1]):
+        torch.testing.assert_close(fl.ctc_loss(one, target, il[0], length), F.ctc_loss(one, target, il[0], length))
 
 
 # ---------------------------------------------------------------- non-finite and out-of-range values

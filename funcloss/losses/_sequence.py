@@ -139,8 +139,9 @@ def ctc_loss(
     tgt_len = _as_lengths("ctc_loss", "target_lengths", target_lengths, device)
     unbatched = log_probs.dim() == 2
     if unbatched:
+        # A 1-D target stays the concatenated form (of one sequence: exactly target_length
+        # labels, as torch checks); a (1, S) one is padded.
         log_probs = log_probs.unsqueeze(1)
-        targets = targets.reshape(1, -1)
         in_len, tgt_len = in_len.reshape(1), tgt_len.reshape(1)
     steps, batch, classes = log_probs.shape
     if log_probs.numel() == 0:
@@ -157,6 +158,11 @@ def ctc_loss(
         RuntimeError,
         lambda: f"ctc_loss(...): expected 0 <= input_lengths <= {steps} and target_lengths >= 0.",
     )
+    if targets.dim() == 2 and targets.size(0) != batch:
+        raise RuntimeError(
+            f"ctc_loss(...): expected padded targets with one row per sequence ({batch}, S), got "
+            f"{tuple(targets.shape)}."
+        )
     if targets.dim() == 1:
         check_values(
             lambda: tgt_len.sum() == targets.numel(),
