@@ -112,7 +112,8 @@ def ctc_loss(
     Args:
         log_probs: ``(T, N, C)`` or unbatched ``(T, C)`` log-probabilities (time-major).
         targets: ``(N, S)`` padded, or 1-D concatenated (``sum(target_lengths)``), class indices
-            other than ``blank``.
+            in ``[0, C)`` other than ``blank`` (checked in eager mode). With unbatched
+            log-probs a 1-D target is the one sequence's ``target_length`` labels.
         input_lengths: ``(N,)``, each ``<= T``.
         target_lengths: ``(N,)``, each ``<= S``.
         blank: index of the blank class.
