@@ -248,6 +248,11 @@ def test_adaptive_criterion_matches_torch() -> None:
     torch.testing.assert_close(a.loss, b.loss)
     torch.testing.assert_close(ours.log_prob(x), theirs.log_prob(x))
     assert torch.equal(ours.predict(x), theirs.predict(x))
+    # An unbatched row (torch's log_prob and predict refuse it): the row of the batch's result.
+    with pytest.raises(IndexError):
+        theirs.log_prob(x[0])
+    torch.testing.assert_close(ours.log_prob(x[0]), theirs.log_prob(x[:1])[0])
+    assert torch.equal(ours.predict(x[0]), theirs.predict(x[:1])[0])
 
 
 @pytest.mark.parametrize(

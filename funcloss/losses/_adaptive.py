@@ -149,7 +149,9 @@ def adaptive_log_prob(
     *,
     head_bias: Tensor | None = None,
 ) -> Tensor:
-    """Log-probabilities of all ``n_classes`` classes under the adaptive softmax, ``(N, n_classes)``.
+    """Log-probabilities of all ``n_classes`` classes under the adaptive softmax, ``(N, n_classes)``
+    for ``(N, in_features)`` input, ``(n_classes,)`` for an unbatched ``(in_features,)`` one (so
+    it batches under ``vmap``; torch's ``log_prob`` takes only the first).
 
     See also: ``torch.nn.AdaptiveLogSoftmaxWithLoss.log_prob``.
     """

@@ -729,13 +729,14 @@ class AdaptiveLogSoftmaxWithLoss(nn.AdaptiveLogSoftmaxWithLoss):
         __call__ = forward
 
     def log_prob(self, input: Tensor) -> Tensor:
-        """Log-probabilities of every class, ``(N, n_classes)``."""
+        """Log-probabilities of every class, ``(N, n_classes)``; of an unbatched
+        ``(in_features,)`` input, ``(n_classes,)`` (torch's module takes only ``(N, in_features)``)."""
         return _adaptive.adaptive_log_prob(
             input, self.head.weight, self._tails(), self.cutoffs[:-1], head_bias=self.head.bias
         )
 
     def predict(self, input: Tensor) -> Tensor:
-        """The most probable class of each row, ``(N,)``."""
+        """The most probable class of each row, ``(N,)`` (a scalar for an unbatched input)."""
         return self.log_prob(input).argmax(dim=-1)
 
 
