@@ -208,7 +208,8 @@ def multi_margin_loss(
             "target tensor should be 1-D with size equal to the number of input samples."
         )
     out_shape = target.shape
-    input, target = input.reshape(frames, classes), target.reshape(frames)
+    if target.dim() != input.dim() - 1:  # a scalar score, or a target of one more or one fewer dim
+        input, target = input.reshape(frames, classes), target.reshape(frames)
     # On accelerators the gather below is the range check, a device-side assertion as in torch.
     check_range(
         target,
@@ -232,7 +233,7 @@ def multi_margin_loss(
     values = h.mean(-1) - max(margin, 0.0) ** p / classes
     if weight is not None:
         values = values * class_values(weight, target)
-    return reduce(values.reshape(out_shape), reduction)
+    return reduce(values if values.shape == out_shape else values.reshape(out_shape), reduction)
 
 
 # Up to this many classes multilabel_margin_loss forms the (S, C) pairwise hinges; above it,
