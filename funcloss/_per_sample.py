@@ -312,6 +312,7 @@ def _loop_grads(
     randomness: Randomness,
     fn: str,
     progress: bool,
+    total: int,
 ) -> Callable[[Grads, Batch, Batch], Grads]:
     """``method="loop"``: a chunk's per-sample gradients, one ``torch.autograd.grad`` call per
     sample through the model itself (any model, a fused RNN included; no vmap). Same call form
@@ -323,8 +324,10 @@ def _loop_grads(
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     # The CUDA generators that matter: those of the devices the model is on.
     devices = sorted({p.device for _, p in model.named_parameters() if p.device.type == "cuda"}, key=str)
+    done = 0  # samples differentiated by earlier chunks, for the progress line
 
     def chunk(params: Grads, inputs: Batch, targets: Batch) -> Grads:
+        nonlocal done
         del params  # the model's own parameters are differentiated
         b = batch_size(inputs)
         out = {name: torch.empty((b, *p.shape), dtype=p.dtype, device=p.device) for name, p in trainable}
@@ -351,7 +354,8 @@ def _loop_grads(
                     out[name][i].copy_(g)
             if progress and time.monotonic() - shown > 0.5:
                 shown = time.monotonic()
-                print(f"\r{fn}: sample {i + 1}/{b} of this chunk", end="", file=sys.stderr)
+                print(f"\r{fn}: {done + i + 1}/{total} samples", end="", file=sys.stderr)
+        done += b
         return out
 
     return chunk
@@ -423,7 +427,7 @@ def per_sample_grads(
             return fast
     if method == "loop":
         per_chunk: Callable[[Grads, Batch, Batch], Grads] = _loop_grads(
-            model, loss_fn, loss_kwargs, randomness, "per_sample_grads", progress
+            model, loss_fn, loss_kwargs, randomness, "per_sample_grads", progress, n
         )
     else:
         loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
@@ -583,7 +587,7 @@ def grad_stats(
             return fast
     if method == "loop":
         per_chunk: Callable[[Grads, Batch, Batch], Grads] = _loop_grads(
-            model, loss_fn, loss_kwargs, randomness, "grad_stats", progress
+            model, loss_fn, loss_kwargs, randomness, "grad_stats", progress, n
         )
     else:
         loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)

@@ -137,9 +137,9 @@ def test_grad_stats_in_float32_keeps_float32_accuracy(chunk: int) -> None:
         torch.testing.assert_close(stats.variance[name].double(), v, rtol=1e-3, atol=1e-9)
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
 def test_grad_stats_default_chunk_follows_the_memory_budget(
-    method: Literal["auto", "vmap"], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    method: Literal["auto", "vmap", "loop"], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The default chunk is the budget over (P + 16 x sample size) samples, at least 1; an
     explicit chunk_size must be at least 1."""
@@ -501,9 +501,9 @@ def test_grad_stats_memory_does_not_grow_with_the_batch() -> None:
     assert large <= small * 1.10, (small, large)
 
 
-@pytest.mark.parametrize("method", ["auto", "vmap"])
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
 def test_per_sample_grads_in_chunks_report_progress(
-    method: Literal["auto", "vmap"], capsys: pytest.CaptureFixture[str]
+    method: Literal["auto", "vmap", "loop"], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Chunks give the same gradients as one call, a progress update per chunk, and a chunk
     size below 1 is refused."""
