@@ -361,6 +361,25 @@ def _loop_grads(
     return chunk
 
 
+def _per_chunk(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    loss_kwargs: Mapping[str, Any],
+    randomness: Randomness,
+    method: Method,
+    fn: str,
+    progress: bool,
+    total: int,
+) -> Callable[[Grads, Batch, Batch], Grads]:
+    """A chunk's per-sample gradients ``(params, inputs, targets) -> {name: (b, ...)}``: one
+    backward per sample under ``method="loop"``, else ``vmap(grad)`` of the example loss."""
+    if method == "loop":
+        return _loop_grads(model, loss_fn, loss_kwargs, randomness, fn, progress, total)
+    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+    per_example: Callable[[Grads, Batch, Batch], Grads] = per_sample_grad(loss, randomness=randomness)
+    return per_example
+
+
 def per_sample_grads(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -425,13 +444,7 @@ def per_sample_grads(
         fast = layer_grads(model, loss_fn, inputs, targets, chunk_size=size, loss_kwargs=loss_kwargs, progress=progress)
         if fast is not None:
             return fast
-    if method == "loop":
-        per_chunk: Callable[[Grads, Batch, Batch], Grads] = _loop_grads(
-            model, loss_fn, loss_kwargs, randomness, "per_sample_grads", progress, n
-        )
-    else:
-        loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
-        per_chunk = per_sample_grad(loss, randomness=randomness)
+    per_chunk = _per_chunk(model, loss_fn, loss_kwargs, randomness, method, "per_sample_grads", progress, n)
     result: Grads = {}
     with _vmap_advice(model, "per_sample_grads"):
         if size >= n:
@@ -585,13 +598,7 @@ def grad_stats(
         )
         if fast is not None:
             return fast
-    if method == "loop":
-        per_chunk: Callable[[Grads, Batch, Batch], Grads] = _loop_grads(
-            model, loss_fn, loss_kwargs, randomness, "grad_stats", progress, n
-        )
-    else:
-        loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
-        per_chunk = per_sample_grad(loss, randomness=randomness)
+    per_chunk = _per_chunk(model, loss_fn, loss_kwargs, randomness, method, "grad_stats", progress, n)
     if groups is not None:
         with _vmap_advice(model, "grad_stats"):
             return _group_stats(per_chunk, params, inputs, targets, groups, size, progress)
