@@ -120,20 +120,23 @@ class _Moments:
         inputs = [a for w, _, _, a in layers if w is not None]
         right = _powers(inputs, scratch[left_end:right_end]) if inputs else None
         product_buffer = scratch[right_end:]
-        # Per layer and sample: ||g_i||^2, and ||a_i||^2 (+1 where the layer has a bias).
-        g_norms = torch.empty(len(layers), left.size(1), dtype=left.dtype, device=left.device)
+        # Per layer and sample: ||g_i||^2 and ||a_i||^2 (+1 where the layer has a bias; 1 for a
+        # bias alone).
+        g_norms = torch.empty(len(layers), b, dtype=left.dtype, device=left.device)
         a_norms = torch.empty_like(g_norms)
         g_start = a_start = 0
-        for k, ((_, bias, _, _), g_size, a_size) in enumerate(zip(layers, g_sizes, a_sizes)):
+        for k, (g_size, a_size) in enumerate(zip(g_sizes, a_sizes)):
             torch.sum(left[1, :, g_start : g_start + g_size], 1, out=g_norms[k])
-            if right is not None and a_size:
+            if a_size:
+                assert right is not None
                 torch.sum(right[1, :, a_start : a_start + a_size], 1, out=a_norms[k])
-                if bias is not None:
-                    a_norms[k].add_(1.0)
             else:
-                a_norms[k].fill_(1.0)  # a bias alone
+                a_norms[k].zero_()  # a bias alone: the 1 is added below
             g_start += g_size
             a_start += a_size
+        biased = tuple(bias is not None or a_size == 0 for (_, bias, _, _), a_size in zip(layers, a_sizes))
+        if any(biased):
+            a_norms.add_(_ones_at(biased, a_norms.dtype, a_norms.device).unsqueeze(1))
         norms.add_(torch.linalg.vecdot(g_norms, a_norms, dim=0))
         g_start = a_start = 0
         for (weight, bias, _, _), g_size, a_size in zip(layers, g_sizes, a_sizes):
@@ -198,14 +201,17 @@ def _powers(xs: list[Tensor], buffer: Tensor) -> Tensor:
     side by side along dim 1, written into the flat ``buffer``: the ``xs`` and their signs
     first, then both squared by one multiply (``sign(x)^2 = |sign(x)|``)."""
     out = buffer.view(4, xs[0].size(0), -1)
-    start = 0
-    for x in xs:
-        out[0, :, start : start + x.size(1)].copy_(x)
-        start += x.size(1)
+    torch.cat(xs, 1, out=out[0])
     torch.sign(out[0], out=out[2])
     firsts = out[0::2]
     torch.mul(firsts, firsts, out=out[1::2])
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _ones_at(flags: tuple[bool, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """1 where ``flags`` is set, else 0, as a tensor."""
+    return torch.tensor(flags, dtype=dtype).to(device)
 
 
 # Scratch kept between calls, per thread and (dtype, device), up to this many elements (16 MiB

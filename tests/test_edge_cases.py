@@ -580,6 +580,43 @@ def test_a_wider_target_keeps_torchs_result_dtype(name: str) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize(
+    ("name", "input_dtype", "target_dtype"),
+    [
+        ("huber_loss", torch.float32, torch.float64),
+        ("huber_loss", torch.float64, torch.float32),
+        ("huber_loss", torch.float32, torch.int64),
+        ("huber_loss", torch.bfloat16, torch.bool),
+        ("soft_margin_loss", torch.float32, torch.bool),
+        ("soft_margin_loss", torch.float64, torch.bool),
+    ],
+    ids=str,
+)
+def test_gradient_where_torchs_backward_refuses_the_targets_dtype(
+    name: str, input_dtype: torch.dtype, target_dtype: torch.dtype
+) -> None:
+    """torch's forward takes these targets, but its backward fails (huber's kernel expects the
+    target in the input's dtype; soft margin negates a bool target). funcloss's gradient is
+    torch's with the target converted to the input's dtype, which is what torch's forward
+    computes with."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 3, generator=gen) * 2).to(input_dtype)
+    y = torch.randn(5, 3, generator=gen) * 2
+    y = (y > 0) if target_dtype == torch.bool else y.round().to(target_dtype)
+    for reduction in ("mean", "none"):
+        theirs_in = x.clone().requires_grad_()
+        with pytest.raises(RuntimeError):  # the torch behaviour this test is about
+            torch.autograd.grad(getattr(F, name)(theirs_in, y, reduction=reduction).sum(), theirs_in)
+        ref_loss = getattr(F, name)(theirs_in, y.to(input_dtype), reduction=reduction)
+        (ref_grad,) = torch.autograd.grad(ref_loss.sum(), theirs_in)
+        ours_in = x.clone().requires_grad_()
+        loss = getattr(fl, name)(ours_in, y, reduction=reduction)
+        (grad,) = torch.autograd.grad(loss.sum(), ours_in)
+        assert loss.dtype == ref_loss.dtype and grad.dtype == input_dtype
+        torch.testing.assert_close(loss, ref_loss)
+        torch.testing.assert_close(grad, ref_grad)
+
+
 OPERAND_LOSSES = [
     "l1_loss",
     "mse_loss",
