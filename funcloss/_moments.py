@@ -13,7 +13,8 @@ and the squared norm of sample ``i``'s gradient is ``||g_i||^2 ||a_i||^2``. An E
 per-sample gradient touches only the rows of that sample's tokens, so it is summed per (sample,
 token) pair. Linear layers on inputs with more dims (sequences) form that layer's per-sample
 gradients for one chunk. A convolution's per-sample weight gradients are one grouped
-convolution's weight gradient; a normalisation layer's (LayerNorm, GroupNorm, eval-mode
+convolution's weight gradient or one einsum over the input's patches, whichever measured
+faster for the layer's shape; a normalisation layer's (LayerNorm, GroupNorm, eval-mode
 BatchNorm) affine weight and bias get ``sum g_i * x_hat_i`` and ``sum g_i`` over positions.
 `grad_stats` folds these into running sums without forming ``B x P`` gradients;
 `per_sample_grads` writes ``g_i a_i^T`` (or token rows) straight into its result.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import functools
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
@@ -650,12 +652,20 @@ def _conv_weight_grads(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> T
 
     Sample ``i``'s gradient for weight ``[o, c, u, v]`` is
     ``sum_{h, w} g[i, o, h, w] a_pad[i, c, h s_h + u d_h, w s_w + v d_w]``: the output gradient
-    contracted with the input's patches. That is the weight gradient of one grouped
-    convolution with the samples as groups: input ``(1, b * in, H, W)``, output gradient
-    ``(1, b * out, H', W')``, ``groups=b`` (Rochette et al. 2019), which the convolution
-    backends compute without forming the patches. With a single input channel and a stride
-    above 1 (each group then a strided depthwise filter, slower there on the CPU as measured),
-    the patches are instead a strided view of the (padded) input, contracted by one einsum.
+    contracted with the input's patches. Two ways to compute it, either exact:
+
+    - the weight gradient of one grouped convolution with the samples as groups: input
+      ``(1, b * in, H, W)``, output gradient ``(1, b * out, H', W')``, ``groups=b`` (Rochette
+      et al. 2019), which the convolution backends compute without forming the patches;
+    - one einsum of the output gradient with a strided view of the (padded) input's patches.
+
+    Which is faster depends on the shape, by up to 8x either way on the CPU (the grouped form
+    won for most stride-1 layers tried, the einsum for some strided ones and for one input
+    channel with a stride), so on the CPU both are timed at a shape's first use and the faster
+    is kept for that shape (`_fastest`). The einsum is a candidate only where its patches take
+    no more memory than the per-sample gradients (or ``2**22`` values). On accelerators, and
+    where the time cannot be measured (under tracing), the einsum is taken for one input
+    channel with a stride, else the grouped form.
 
     References:
         Rochette, G., Manoel, A. and Tramel, E. W. "Efficient Per-Example Gradient
@@ -673,10 +683,11 @@ def _conv_weight_grads(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> T
             raise _Unsupported
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
         ph, pw = cast(tuple[int, int], module.padding)
-    if module.in_channels > 1 or (sh, sw) == (1, 1):
-        # Under autocast the forward ran in g's (lower) precision: the input goes there too.
+    a = a.to(g.dtype)  # under autocast the forward ran in g's (lower) precision
+
+    def grouped() -> Tensor:
         grads: Tensor = conv2d_weight(  # type: ignore[no-untyped-call]
-            a.to(g.dtype).reshape(1, -1, *a.shape[2:]),
+            a.reshape(1, -1, *a.shape[2:]),
             (b * out, module.in_channels, kh, kw),
             g.reshape(1, -1, *g.shape[2:]),
             stride=(sh, sw),
@@ -685,12 +696,57 @@ def _conv_weight_grads(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> T
             groups=b,
         )
         return grads.view(b, out, -1)
-    if ph or pw:
-        a = F.pad(a, (pw, pw, ph, ph))
-    s_b, s_c, s_h, s_w = a.stride()
-    ho, wo = g.shape[2:]
-    patches = a.as_strided((b, a.size(1), ho, wo, kh, kw), (s_b, s_c, s_h * sh, s_w * sw, s_h * dh, s_w * dw))
-    return torch.einsum("bohw,bihwkl->boikl", g, patches).reshape(b, out, -1)
+
+    def patches() -> Tensor:
+        padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+        s_b, s_c, s_h, s_w = padded.stride()
+        ho, wo = g.shape[2:]
+        view = padded.as_strided(
+            (b, padded.size(1), ho, wo, kh, kw), (s_b, s_c, s_h * sh, s_w * sw, s_h * dh, s_w * dw)
+        )
+        return torch.einsum("bohw,bihwkl->boikl", g, view).reshape(b, out, -1)
+
+    default = "patches" if module.in_channels == 1 and (sh, sw) != (1, 1) else "grouped"
+    ways = {"patches": patches, "grouped": grouped}
+    # The einsum forms the patches, b * in * kh * kw * H' * W' values: it is a candidate only
+    # where they take no more memory than the per-sample gradients it returns (or 2**22).
+    patch_values = b * module.in_channels * kh * kw * g.size(2) * g.size(3)
+    if default != "patches" and patch_values > max(b * out * module.in_channels * kh * kw, 1 << 22):
+        del ways["patches"]
+    key = ("conv", tuple(a.shape), tuple(g.shape), kh, kw, sh, sw, dh, dw, ph, pw, g.dtype)
+    timed = g.device.type == "cpu" and is_eager()
+    return _fastest(key, ways, default=default, timed=timed)
+
+
+# Per problem key, the name of the way `_fastest` measured fastest; cleared when it reaches
+# this many keys.
+_FASTEST_KEYS = 1024
+_fastest_choice: dict[tuple[object, ...], str] = {}
+
+
+def _fastest(key: tuple[object, ...], ways: Mapping[str, Callable[[], Tensor]], *, default: str, timed: bool) -> Tensor:
+    """The result of the way (equivalent computations, by name) that measured fastest for
+    ``key`` (a CPU problem). At a key's first use each way runs twice and the second run is
+    timed (the first pays one-time setup); the fastest's result is returned and its name kept.
+    Without ``timed`` (an accelerator's asynchronous kernels, tracing) ``default`` runs."""
+    if not timed:
+        return ways[default]()
+    name = _fastest_choice.get(key)
+    if name is not None:
+        return ways[name]()
+    best: tuple[float, str, Tensor] | None = None
+    for name, way in ways.items():
+        way()
+        start = time.perf_counter()
+        result = way()
+        elapsed = time.perf_counter() - start
+        if best is None or elapsed < best[0]:
+            best = (elapsed, name, result)
+    assert best is not None, "no way to compute it"
+    if len(_fastest_choice) >= _FASTEST_KEYS:
+        _fastest_choice.clear()
+    _fastest_choice[key] = best[1]
+    return best[2]
 
 
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:

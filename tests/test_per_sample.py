@@ -6,8 +6,9 @@ import functools
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import funcloss as fl
+import funcloss._moments as moments
 
 D = torch.float64
 
@@ -754,14 +756,23 @@ def test_batchnorm_without_running_statistics_is_refused() -> None:
         fl.grad_stats(model, fl.cross_entropy, x, y)
 
 
+@pytest.mark.parametrize("way", ["timed", "patches", "grouped"])
 @pytest.mark.parametrize("chunk", [3, None])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_conv_layers_with_stride_padding_dilation(groups: int, chunk: int | None) -> None:
-    """Conv2d per-sample gradients with stride, padding and dilation: the samples as groups of
-    one convolution, or for one input channel with a stride the patches' einsum (the first
-    layer), or for grouped convs the vmap fallback; strides, paddings and kernels differ between
-    height and width, and the last conv's stride does not divide its input. In chunks, and as
-    one chunk (the convolutions' gradients then are the result)."""
+def test_conv_layers_with_stride_padding_dilation(
+    groups: int, chunk: int | None, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conv2d per-sample gradients with stride, padding and dilation, each way: the samples as
+    groups of one convolution, the patches' einsum, or whichever measured faster per layer
+    ("timed", the default); for grouped convs the vmap fallback. Strides, paddings and kernels
+    differ between height and width, and the last conv's stride does not divide its input. In
+    chunks, and as one chunk (the convolutions' gradients then are the result)."""
+    if way != "timed":
+
+        def forced(key: object, ways: Mapping[str, Callable[[], Tensor]], *, default: str, timed: bool) -> Tensor:
+            return ways[way]()
+
+        monkeypatch.setattr(moments, "_fastest", forced)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 2, 3, stride=(2, 3), padding=(3, 2)),
@@ -785,6 +796,33 @@ def test_conv_layers_with_stride_padding_dilation(groups: int, chunk: int | None
         torch.testing.assert_close(s.mean[name], v.mean(0))
         torch.testing.assert_close(s.variance[name], v.var(0))
         torch.testing.assert_close(s.sign_sum[name], v.sign().sum(0))
+
+
+def test_fastest_way_is_timed_once_per_problem(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`_fastest` returns the result of the way that measured faster, keeps its name for the
+    problem, and runs only that way afterwards; untimed (accelerators, tracing) it runs the
+    default."""
+    monkeypatch.setattr(moments, "_fastest_choice", {})
+    calls: list[str] = []
+
+    def way(name: str, seconds: float) -> Callable[[], Tensor]:
+        def run() -> Tensor:
+            calls.append(name)
+            time.sleep(seconds)
+            return torch.tensor(float(len(name)))
+
+        return run
+
+    ways = {"slow": way("slow", 0.02), "fast": way("fast", 0.0)}
+    first = moments._fastest(("k",), ways, default="slow", timed=True)
+    assert first.item() == len("fast") and sorted(calls) == ["fast", "fast", "slow", "slow"]
+    calls.clear()
+    again = moments._fastest(("k",), ways, default="slow", timed=True)
+    assert again.item() == len("fast") and calls == ["fast"]
+    calls.clear()
+    untimed = moments._fastest(("other",), ways, default="slow", timed=False)
+    assert untimed.item() == len("slow") and calls == ["slow"]
+    assert ("other",) not in moments._fastest_choice
 
 
 @pytest.mark.parametrize("method", ["auto", "vmap"])
