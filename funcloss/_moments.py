@@ -727,26 +727,24 @@ _fastest_choice: dict[tuple[object, ...], str] = {}
 def _fastest(key: tuple[object, ...], ways: Mapping[str, Callable[[], Tensor]], *, default: str, timed: bool) -> Tensor:
     """The result of the way (equivalent computations, by name) that measured fastest for
     ``key`` (a CPU problem). At a key's first use each way runs twice and the second run is
-    timed (the first pays one-time setup); the fastest's result is returned and its name kept.
+    timed (the first pays one-time setup), each run's result dropped at once (no two ways'
+    memory held together); the fastest's name is kept and it runs once more for the result.
     Without ``timed`` (an accelerator's asynchronous kernels, tracing) ``default`` runs."""
     if not timed:
         return ways[default]()
     name = _fastest_choice.get(key)
-    if name is not None:
-        return ways[name]()
-    best: tuple[float, str, Tensor] | None = None
-    for name, way in ways.items():
-        way()
-        start = time.perf_counter()
-        result = way()
-        elapsed = time.perf_counter() - start
-        if best is None or elapsed < best[0]:
-            best = (elapsed, name, result)
-    assert best is not None, "no way to compute it"
-    if len(_fastest_choice) >= _FASTEST_KEYS:
-        _fastest_choice.clear()
-    _fastest_choice[key] = best[1]
-    return best[2]
+    if name is None:
+        times = {}
+        for candidate, way in ways.items():
+            way()
+            start = time.perf_counter()
+            way()
+            times[candidate] = time.perf_counter() - start
+        name = min(times, key=times.__getitem__)
+        if len(_fastest_choice) >= _FASTEST_KEYS:
+            _fastest_choice.clear()
+        _fastest_choice[key] = name
+    return ways[name]()
 
 
 def _fold(acc: _Moments, name: str, module: nn.Module, a: Tensor, g: Tensor, norms: Tensor) -> None:
