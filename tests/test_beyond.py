@@ -327,6 +327,21 @@ def test_no_loss_kernel_runs_and_inputs_untouched(row: Row) -> None:
             assert torch.equal(a, b), f"{row.name} modified an input"
 
 
+@pytest.mark.parametrize("row", ROWS)
+def test_meta_tensors_give_the_definitions_shape(row: Row) -> None:
+    """On the meta device (shape inference, no data) the loss runs forward and backward, with
+    the shape and dtype its definition gives on the CPU."""
+    ex = row.case.make(Sampler(0, torch.float32, "cpu"), row.case.defaults())
+    args = [a.to("meta").requires_grad_(i in ex.diff) if isinstance(a, Tensor) else a for i, a in enumerate(ex.args)]
+    kwargs = {k: v.to("meta") if isinstance(v, Tensor) else v for k, v in ex.kwargs.items()}
+    expected = row.case.theirs(*ex.args, **ex.kwargs)
+    out = row.case.ours(*args, **kwargs)
+    assert (out.device.type, out.shape, out.dtype) == ("meta", expected.shape, expected.dtype)
+    inputs = [args[i] for i in ex.diff]
+    for a, g in zip(inputs, torch.autograd.grad(out.sum(), inputs, allow_unused=True)):
+        assert g is None or (g.device.type == "meta" and g.shape == a.shape)
+
+
 # --------------------------------------------------------------------------- focal loss
 
 

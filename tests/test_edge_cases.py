@@ -477,18 +477,28 @@ def test_fast_path_gradient_formed_in_the_forward_serves_one_backward(
 
 @pytest.mark.parametrize("row", rows())
 def test_meta_tensors_give_torchs_shapes(row: Row) -> None:
-    """On the meta device (shape inference, no data) a loss runs wherever torch's runs."""
+    """On the meta device (shape inference, no data) every loss runs, forward and backward, and
+    gives torch's shape and dtype. Where torch's own loss reads values there (CTC lengths,
+    Gaussian variances, adaptive softmax's cluster rows) and refuses, the shape and dtype are
+    those torch gives for the same inputs on the CPU."""
     ex = row.case.make(Sampler(0, torch.float32, "cpu"), row.case.defaults())
-    args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in ex.args]
+    args = [
+        a.to("meta").requires_grad_(i in ex.diff) if isinstance(a, torch.Tensor) else a for i, a in enumerate(ex.args)
+    ]
     kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in ex.kwargs.items()}
     try:
         theirs = quiet_call(row.case.theirs, *args, **kwargs)
     except (NotImplementedError, RuntimeError):
-        return  # torch reads values here too (lengths, variances)
+        theirs = quiet_call(row.case.theirs, *ex.args, **ex.kwargs)
     ours = quiet_call(row.case.ours, *args, **kwargs)
     assert ours.device.type == "meta"
     assert ours.shape == theirs.shape
     assert ours.dtype == theirs.dtype
+    inputs = [args[i] for i in ex.diff]
+    if inputs and ours.requires_grad:
+        grads = torch.autograd.grad(ours.sum(), inputs, allow_unused=True)
+        for a, g in zip(inputs, grads):
+            assert g is None or (g.device.type == "meta" and g.shape == a.shape)
 
 
 def _forward_tangent(fn: Callable[..., torch.Tensor], primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def adaptive_log_softmax_with_loss(
     output = _head(x, head_weight, head_bias).gather(1, head_index.unsqueeze(1))[:, 0]
     for i, (projection, out_weight) in enumerate(tail_weights):
         low, size = bounds[i], bounds[i + 1] - bounds[i]
-        if is_eager():
+        if is_eager() and not y.is_meta:  # the meta device has no rows to select: the dense form
             rows = (cluster == i + 1).nonzero()[:, 0]
             if rows.numel() == 0:
                 continue

@@ -64,7 +64,7 @@ def _padded_targets(targets: Tensor, target_lengths: Tensor, batch: int) -> Tens
     if targets.dim() == 2:
         return targets
     # Concatenated: row n is targets[offset_n : offset_n + len_n].
-    width = int(target_lengths.max()) if is_eager() and batch else targets.numel()
+    width = int(target_lengths.max()) if is_eager() and batch and not targets.is_meta else targets.numel()
     offsets = torch.cumsum(target_lengths, 0) - target_lengths
     pos = offsets.unsqueeze(1) + torch.arange(width, device=targets.device)
     inside = torch.arange(width, device=targets.device) < target_lengths.unsqueeze(1)
@@ -199,7 +199,7 @@ def _check_labels(padded: Tensor, valid: Tensor, classes: int, blank: int) -> No
     """In eager mode, refuse a target class within ``target_lengths`` outside ``[0, C)``
     (``IndexError``; torch's CPU kernel reads outside ``log_probs`` there) or equal to the blank
     (``RuntimeError``): both read with one synchronisation."""
-    if not is_eager():
+    if not is_eager() or padded.is_meta:
         return
     inside = (padded >= 0) & (padded < classes)
     out_of_range, blank_label = torch.stack([(valid & ~inside).any(), (valid & (padded == blank)).any()]).tolist()
@@ -269,8 +269,9 @@ def _alpha_step(alpha: Tensor, skip: Tensor, emit_t: Tensor, neg: float) -> Tens
 def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: Tensor, blank: int) -> Tensor:
     """``log p(labels | log_probs)`` per sequence, by the alpha recursion."""
     ext, skip = _extended(labels, blank, log_probs.dtype)
-    if is_eager() and not has_tangent(log_probs):
-        # Steps past the longest input matter to no sequence.
+    if is_eager() and not has_tangent(log_probs) and not log_probs.is_meta:
+        # Steps past the longest input matter to no sequence. (On the meta device there are no
+        # lengths to read: the recorded loop below gives the shapes.)
         used = max(1, int(in_len.max())) if in_len.numel() else 1
         ll: Tensor = _CTCFunction.apply(log_probs[:used], ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
         return ll
