@@ -663,9 +663,10 @@ def _conv_weight_grads(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> T
     won for most stride-1 layers tried, the einsum for some strided ones and for one input
     channel with a stride), so on the CPU both are timed at a shape's first use and the faster
     is kept for that shape (`_fastest`). The einsum is a candidate only where its patches take
-    no more memory than the per-sample gradients (or ``2**22`` values). On accelerators, and
-    where the time cannot be measured (under tracing), the einsum is taken for one input
-    channel with a stride, else the grouped form.
+    no more memory than the per-sample gradients (or ``2**22`` values). On accelerators,
+    where the time cannot be measured (under tracing), and under
+    ``torch.use_deterministic_algorithms(True)`` (results that do not depend on a timing), the
+    einsum is taken for one input channel with a stride, else the grouped form.
 
     References:
         Rochette, G., Manoel, A. and Tramel, E. W. "Efficient Per-Example Gradient
@@ -714,7 +715,9 @@ def _conv_weight_grads(module: nn.Conv1d | nn.Conv2d, a: Tensor, g: Tensor) -> T
     if default != "patches" and patch_values > max(b * out * module.in_channels * kh * kw, 1 << 22):
         del ways["patches"]
     key = ("conv", tuple(a.shape), tuple(g.shape), kh, kw, sh, sw, dh, dw, ph, pw, g.dtype)
-    timed = g.device.type == "cpu" and is_eager()
+    # Under torch.use_deterministic_algorithms(True) the choice is the fixed rule, so that the
+    # result's rounding does not depend on a timing (the same bits in every process).
+    timed = g.device.type == "cpu" and is_eager() and not torch.are_deterministic_algorithms_enabled()
     return _fastest(key, ways, default=default, timed=timed)
 
 

@@ -417,7 +417,11 @@ def per_sample_grads(
             ``nn.GroupNorm`` or eval-mode BatchNorm, from one batched forward and backward
             (``g_i a_i^T`` per Linear, token rows per Embedding, output gradient contracted
             with the input's patches per convolution, ``g_i * x_hat_i`` summed over positions
-            per normalisation); otherwise, and with ``"vmap"``, ``vmap(grad(...))``.
+            per normalisation); otherwise, and with ``"vmap"``, ``vmap(grad(...))``. On the
+            CPU a convolution's two exact forms are timed at a layer shape's first use and the
+            faster is kept for the process (results may differ between processes in the last
+            bits), except under ``torch.use_deterministic_algorithms(True)``, where a fixed
+            rule chooses.
             ``"loop"``: one ``torch.autograd.grad`` per sample through the model itself, for
             models ``vmap`` cannot batch (a fused ``nn.LSTM``/``GRU``/``RNN``, custom
             autograd Functions without a vmap rule); about as slow as a Python loop is.

@@ -825,6 +825,31 @@ def test_fastest_way_is_timed_once_per_problem(monkeypatch: pytest.MonkeyPatch) 
     assert ("other",) not in moments._fastest_choice
 
 
+def test_deterministic_mode_takes_the_fixed_convolution_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ``torch.use_deterministic_algorithms(True)`` no convolution way is timed: the fixed
+    rule gives the same bits in every process."""
+    model, x, y = _setup("cnn")
+    monkeypatch.setattr(moments, "_fastest_choice", {})
+    flags: list[bool] = []
+    fastest = moments._fastest
+
+    def spy(key: tuple[object, ...], ways: Mapping[str, Callable[[], Tensor]], *, default: str, timed: bool) -> Tensor:
+        flags.append(timed)
+        return fastest(key, ways, default=default, timed=timed)
+
+    monkeypatch.setattr(moments, "_fastest", spy)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = fl.per_sample_grads(model, fl.cross_entropy, x, y)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert flags and not any(flags) and not moments._fastest_choice
+    expected = _loop(model, fl.cross_entropy, x, y)
+    for name, v in expected.items():
+        torch.testing.assert_close(grads[name], v)
+
+
 @pytest.mark.parametrize("method", ["auto", "vmap"])
 def test_works_inside_no_grad(method: str) -> None:
     model, x, y = _setup("mlp")
