@@ -722,8 +722,9 @@ def test_linear_cross_entropy_k_dimensional_weight() -> None:
 
 
 def test_ctc_under_vmap_runs_the_batched_recursion_once() -> None:
-    """Under vmap alone, CTC folds vmap's batch into its own: values, nested vmap and autograd
-    through the vmapped call must all match torch."""
+    """Under vmap alone, CTC folds vmap's batch into its own (one eager call for every
+    example): values, nested vmap and autograd through the vmapped call must all match
+    torch."""
     logits, t, il, tl = _ctc_inputs()
     lp = logits.log_softmax(-1)
 
@@ -739,6 +740,50 @@ def test_ctc_under_vmap_runs_the_batched_recursion_once() -> None:
     (ours,) = torch.autograd.grad(per_example(x.log_softmax(-1), t, il, tl).sum(), x)
     xt = logits.clone().requires_grad_(True)
     (theirs,) = torch.autograd.grad(F.ctc_loss(xt.log_softmax(-1), t, il, tl, reduction="sum"), xt)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("targets", ["padded", "concatenated"])
+def test_ctc_under_vmap_over_batches_of_sequences(reduction: str, targets: str) -> None:
+    """vmap over examples that are themselves batches ``(T, N, C)``: values and gradients
+    through the vmapped call as torch's loss per example."""
+    gen = _g()
+    logits = torch.randn(3, 10, 4, 6, generator=gen, dtype=D)  # 3 examples of 4 sequences
+    il = torch.tensor([[10, 7, 9, 4], [10, 10, 3, 8], [6, 10, 10, 5]])
+    tl = torch.tensor([[3, 2, 0, 1], [4, 1, 2, 3], [2, 3, 1, 2]])
+    labels = torch.randint(1, 6, (3, 4, 4), generator=gen)
+    if targets == "padded":
+        t = labels
+    else:  # each example's targets concatenated; vmap needs one length, so all sum to 6 here
+        tl = torch.tensor([[3, 2, 0, 1], [1, 1, 2, 2], [2, 2, 1, 1]])
+        t = torch.stack([torch.cat([labels[e, n, : int(tl[e, n])] for n in range(4)]) for e in range(3)])
+    x = logits.clone().requires_grad_(True)
+
+    def one(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        return fl.ctc_loss(a.log_softmax(-1), b, c, d, reduction=reduction)  # type: ignore[arg-type]
+
+    ours = tf.vmap(one)(x, t, il, tl)
+    (our_grad,) = torch.autograd.grad(ours.sum(), x)
+    xt = logits.clone().requires_grad_(True)
+    theirs = torch.stack([F.ctc_loss(xt[e].log_softmax(-1), t[e], il[e], tl[e], reduction=reduction) for e in range(3)])
+    (their_grad,) = torch.autograd.grad(theirs.sum(), xt)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(our_grad, their_grad)
+
+
+def test_ctc_inside_vmap_with_no_batched_input() -> None:
+    """CTC called inside a vmap on inputs the vmap does not batch: the plain loss, and its
+    gradient through autograd."""
+    logits, t, il, tl = _ctc_inputs()
+    x = logits.clone().requires_grad_(True)
+    scales = torch.tensor([0.5, 2.0, 3.0], dtype=D)
+    out = tf.vmap(lambda s: fl.ctc_loss(x.log_softmax(-1), t, il, tl) * s)(scales)
+    (ours,) = torch.autograd.grad(out.sum(), x)
+    xt = logits.clone().requires_grad_(True)
+    expected = F.ctc_loss(xt.log_softmax(-1), t, il, tl)
+    (theirs,) = torch.autograd.grad(expected * scales.sum(), xt)
+    torch.testing.assert_close(out, expected.detach() * scales)
     torch.testing.assert_close(ours, theirs)
 
 

@@ -138,6 +138,11 @@ def ctc_loss(
     device = log_probs.device
     in_len = _as_lengths("ctc_loss", "input_lengths", input_lengths, device)
     tgt_len = _as_lengths("ctc_loss", "target_lengths", target_lengths, device)
+    if only_vmap():
+        # Under vmap alone the eager loss runs once for every example (see _VmappedCTC.vmap),
+        # instead of each of its ops paying vmap's per-op cost.
+        vmapped: Tensor = _VmappedCTC.apply(log_probs, targets, in_len, tgt_len, blank, reduction, zero_infinity)  # type: ignore[no-untyped-call]
+        return vmapped
     unbatched = log_probs.dim() == 2
     if unbatched:
         # A 1-D target stays the concatenated form (of one sequence: exactly target_length
@@ -193,6 +198,83 @@ def ctc_loss(
     if reduction == "sum":
         return loss.sum()
     return loss[0] if unbatched else loss
+
+
+class _VmappedCTC(torch.autograd.Function):
+    """`ctc_loss` under ``vmap`` alone: the vmap rule folds the examples into the batch of one
+    eager call (recorded by autograd as eager code is) and reduces per example.
+
+    Called only where every active transform is a ``vmap``. Its ``forward`` and ``backward``
+    run only where no input is batched at any level (``vmap`` then lowers the call to plain
+    autograd): the eager loss, and its gradient with respect to ``log_probs`` recomputed.
+    """
+
+    @staticmethod
+    def forward(
+        log_probs: Tensor,
+        targets: Tensor,
+        in_len: Tensor,
+        tgt_len: Tensor,
+        blank: int,
+        reduction: Reduction,
+        zero_infinity: bool,
+    ) -> Tensor:
+        return ctc_loss(log_probs, targets, in_len, tgt_len, blank, reduction, zero_infinity)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        log_probs, targets, in_len, tgt_len, *options = inputs
+        ctx.save_for_backward(log_probs, targets, in_len, tgt_len)
+        ctx.options = options
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        log_probs, targets, in_len, tgt_len = ctx.saved_tensors
+        none = (None,) * 6
+        if not ctx.needs_input_grad[0]:
+            return (None, *none)
+        with torch.enable_grad():
+            x = log_probs.detach().requires_grad_()
+            (g,) = torch.autograd.grad(ctc_loss(x, targets, in_len, tgt_len, *ctx.options), x, grad)
+        return (g, *none)
+
+    @staticmethod
+    def vmap(
+        info: Any,
+        in_dims: tuple[int | None, ...],
+        log_probs: Tensor,
+        targets: Tensor,
+        in_len: Tensor,
+        tgt_len: Tensor,
+        blank: int,
+        reduction: Reduction,
+        zero_infinity: bool,
+    ) -> tuple[Tensor, int]:
+        """Per example: ``(T, C)`` log-probs with a 1-D or ``(1, S)`` target and scalar (or
+        one-element) lengths, or ``(T, N, C)`` with ``(N, S)`` padded or 1-D concatenated
+        targets and ``(N,)`` lengths. The examples' sequences become one batch of ``B`` or
+        ``B * N`` (concatenated targets stay in that order), whose unreduced losses are
+        reduced per example."""
+        b = info.batch_size
+        lp, tg, il, tl = (
+            a.movedim(d, 0) if d is not None else a.expand(b, *a.shape)
+            for a, d in zip((log_probs, targets, in_len, tgt_len), in_dims)
+        )
+        il, tl = il.reshape(-1), tl.reshape(-1)
+        per_example = lp.dim() == 4  # (B, T, N, C)
+        if per_example:
+            _, steps, n, classes = lp.shape
+            lp = lp.permute(1, 0, 2, 3).reshape(steps, b * n, classes)
+            tg = tg.reshape(b * n, -1) if tg.dim() == 3 else tg.reshape(-1)
+        else:  # (B, T, C): one sequence per example, its target a row
+            lp, tg = lp.transpose(0, 1), tg.reshape(b, -1)
+        losses = ctc_loss(lp, tg, il, tl, blank, "none", zero_infinity)
+        if reduction == "mean":
+            losses = losses / tl.clamp_min(1).to(losses.dtype)
+        if not per_example or reduction == "none":
+            return (losses.view(b, -1) if per_example else losses), 0
+        rows = losses.view(b, -1)
+        return (rows.mean(1) if reduction == "mean" else rows.sum(1)), 0
 
 
 def _check_labels(padded: Tensor, valid: Tensor, classes: int, blank: int) -> None:
@@ -278,11 +360,6 @@ def _log_likelihood(log_probs: Tensor, labels: Tensor, in_len: Tensor, tgt_len: 
     if compiled_plainly():
         compiled: Tensor = torch.ops.funcloss.ctc_alphas(log_probs, ext, skip, in_len, tgt_len)[0]
         return compiled
-    if only_vmap():
-        # Under vmap alone, the batched eager recursion runs once for all examples (see
-        # _CTCFunction.vmap) instead of the recorded loop paying vmap's cost at every step.
-        vmapped: Tensor = _CTCFunction.apply(log_probs, ext, skip, in_len, tgt_len)[0]  # type: ignore[no-untyped-call]
-        return vmapped
     steps, batch, _ = log_probs.shape
     size = ext.size(1)
     neg = _neg(log_probs.dtype)
@@ -378,23 +455,6 @@ class _CTCFunction(torch.autograd.Function):
         ll, alphas = output
         ctx.mark_non_differentiable(alphas)
         ctx.save_for_backward(log_probs, ext, skip, in_len, tgt_len, ll, alphas)
-
-    @staticmethod
-    def vmap(
-        info: Any, in_dims: tuple[int | None, ...], *args: Tensor
-    ) -> tuple[tuple[Tensor, Tensor], tuple[int, int]]:
-        """Fold vmap's batch into the recursion's own batch dim N (dim 1 of log_probs, dim 0
-        of the rest), run once, and unfold."""
-        b = info.batch_size
-        log_probs, ext, skip, in_len, tgt_len = (
-            (a.movedim(d, 0) if d is not None else a.expand(b, *a.shape)) for a, d in zip(args, in_dims)
-        )
-        _, steps, n, classes = log_probs.shape  # (B, T, N, C) -> (T, B*N, C)
-        merged_lp = log_probs.permute(1, 0, 2, 3).reshape(steps, b * n, classes)
-        ll, padded = _CTCFunction.apply(  # type: ignore[no-untyped-call]
-            merged_lp, ext.reshape(b * n, -1), skip.reshape(b * n, -1), in_len.reshape(-1), tgt_len.reshape(-1)
-        )
-        return (ll.reshape(b, n), padded.reshape(steps, padded.size(1), b, n)), (0, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
