@@ -44,8 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args = parser.parse_args(argv)
-    if args.command in ("check", "bench") and args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available here")
+    if args.command in ("check", "bench"):
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            parser.error(f"--device {args.device}: expected a device such as cpu or cuda ({e})")
+        if device.type == "meta":
+            parser.error("--device meta: the meta device holds no values to compare or time; use cpu or cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available here")
     if args.command == "bench" and args.compile and args.what != "losses":
         parser.error(f"--compile: only for 'bench losses' (got 'bench {args.what}')")
     if args.command == "check":

@@ -187,6 +187,22 @@ def test_bench_losses_compiled_column(monkeypatch: pytest.MonkeyPatch) -> None:
     assert float(row.split()[7]) > 0
 
 
+@pytest.mark.parametrize("command", [["check"], ["bench", "persample"], ["bench", "memory"]])
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("meta", "the meta device holds no values"), ("gpu0", "expected a device such as cpu or cuda")],
+)
+def test_device_without_values_or_unknown_is_a_usage_error(
+    command: list[str], device: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from funcloss import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*command, "--device", device])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bench_compile_is_for_the_losses_benchmark_only() -> None:
     from funcloss import __main__ as cli
 
