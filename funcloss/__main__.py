@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--rounds", type=int, default=None, help="interleaved timing rounds (default 15; memory: 5, each is slow)"
     )
-    bench.add_argument("--loss", action="append", help="only this loss (repeatable)")
+    bench.add_argument("--loss", action="append", help="losses only: only this loss (repeatable)")
     bench.add_argument(
         "--compile",
         action="store_true",
@@ -55,13 +55,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda: no CUDA device is available here")
     if args.command == "bench" and args.compile and args.what != "losses":
         parser.error(f"--compile: only for 'bench losses' (got 'bench {args.what}')")
-    if args.command == "check":
+    if args.command == "bench" and args.loss and args.what != "losses":
+        parser.error(f"--loss: only for 'bench losses' (got 'bench {args.what}')")
+    if args.command in ("check", "bench") and args.loss:
         from ._bench.cases import CASES
+
+        unknown = sorted(set(args.loss) - set(CASES))
+        if unknown:
+            parser.error(f"--loss: unknown loss {unknown}; choose from {sorted(CASES)}")
+    if args.command == "check":
         from ._bench.check import run
 
-        unknown = sorted(set(args.loss or []) - set(CASES))
-        if unknown:
-            parser.error(f"unknown loss {unknown}; choose from {sorted(CASES)}")
         if args.autocast and args.dtype not in ("float16", "bfloat16"):
             parser.error(f"--autocast: expected --dtype float16 or bfloat16, got {args.dtype}")
         return run(args.device, DTYPES[args.dtype], names=args.loss, compile=args.compile, autocast=args.autocast)

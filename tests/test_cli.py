@@ -203,6 +203,26 @@ def test_device_without_values_or_unknown_is_a_usage_error(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["check", "--loss", "nope_loss"], "--loss: unknown loss ['nope_loss']"),
+        (["bench", "--loss", "nope_loss"], "--loss: unknown loss ['nope_loss']"),
+        (["bench", "persample", "--loss", "mse_loss"], "--loss: only for 'bench losses'"),
+        (["bench", "memory", "--loss", "mse_loss"], "--loss: only for 'bench losses'"),
+    ],
+)
+def test_loss_option_errors_are_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown loss name, or --loss where the benchmark has no per-loss rows, is refused
+    before anything runs (not a traceback, not silently ignored)."""
+    from funcloss import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_bench_compile_is_for_the_losses_benchmark_only() -> None:
     from funcloss import __main__ as cli
 
