@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.steps < 1:
             parser.error(f"--steps: expected a positive number of steps, got {args.steps}")
+        folder = Path(args.plot).expanduser().resolve().parent
+        if not args.no_plot and not folder.is_dir():
+            parser.error(f"--plot {args.plot}: expected a path in an existing folder; {folder} does not exist")
+        args.plot = str(Path(args.plot).expanduser())
         return run_demo(args.steps, None if args.no_plot else args.plot)
     if args.command == "bench":
         if args.rounds is not None and args.rounds < 1:

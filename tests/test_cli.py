@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import pathlib
 import subprocess
 import sys
 from collections.abc import Callable
@@ -221,6 +222,19 @@ def test_loss_option_errors_are_usage_errors(argv: list[str], message: str, caps
         cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_refuses_a_plot_path_in_a_missing_folder_before_training(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from funcloss import __main__ as cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--plot", str(tmp_path / "missing" / "plot.png")])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert "expected a path in an existing folder" in err
+    assert "training" not in out  # refused before the run, not after it
 
 
 def test_bench_compile_is_for_the_losses_benchmark_only() -> None:
