@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from ._checks import is_eager, on_accelerator
-from ._per_sample import Batch, GradStats, batch_size, call_model, map_batch, rows_of
+from ._per_sample import Batch, GradStats, batch_size, call_model, check_scalar_loss, map_batch, rows_of
 from .losses import _classification as fl_class
 from .losses import _probabilistic as fl_prob
 from .losses import _regression as fl_reg
@@ -416,12 +416,13 @@ def _captured(
     targets: Batch,
     chunk_size: int,
     loss_kwargs: Mapping[str, Any],
+    fn: str,
 ) -> Iterator[tuple[slice, list[tuple[str, nn.Module, Tensor, Tensor]]]]:
     """Per chunk: each layer's input and the gradient of the summed per-sample losses with
     respect to its output, from one batched forward and one backward."""
 
     def per_sample_loss(out: Any, target: Batch) -> Tensor:
-        return loss_fn(as_batch_of_one(out), as_batch_of_one(target), **loss_kwargs)
+        return check_scalar_loss(loss_fn(as_batch_of_one(out), as_batch_of_one(target), **loss_kwargs), fn)
 
     def as_batch_of_one(sample: Any) -> Any:
         return map_batch(sample, lambda t: t.unsqueeze(0))
@@ -496,7 +497,7 @@ def layer_moments(
     acc = _Moments(params)
     n = batch_size(inputs)
     try:
-        for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
+        for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs, "grad_stats"):
             norms = torch.zeros(rows.stop - rows.start, dtype=torch.float64, device=acc.device)
             linears: dict[tuple[torch.dtype, torch.dtype], list[tuple[str | None, str | None, Tensor, Tensor]]] = {}
             for name, module, layer_in, grad_out in captured:
@@ -548,7 +549,9 @@ def layer_grads(
         name: torch.empty((n, *p.shape), dtype=p.dtype, device=p.device) for name, p in trainable if name not in skip
     }
     try:
-        for rows, captured in _captured(model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs):
+        for rows, captured in _captured(
+            model, layers, loss_fn, inputs, targets, chunk_size, loss_kwargs, "per_sample_grads"
+        ):
             b = rows.stop - rows.start
             views = {k: v[rows].view(b, -1) for k, v in result.items()}
             for name, module, layer_in, grad_out in captured:

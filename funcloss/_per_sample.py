@@ -211,12 +211,27 @@ def _trainable(model: nn.Module, fn: str) -> dict[str, Tensor]:
     return params
 
 
+def check_scalar_loss(loss: Tensor, fn: str) -> Tensor:
+    """``loss`` if it is a scalar (one sample's loss), else the error every method raises."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise RuntimeError(
+            f"{fn}(...): expected loss_fn to return a scalar for one sample, got {got}. An unreduced loss "
+            "has no gradient to take: pass reduction='mean' or 'sum' (or reduce it in loss_fn)."
+        )
+    return loss
+
+
 def _example_loss(
-    model: nn.Module, loss_fn: Callable[..., Tensor], buffers: Mapping[str, Tensor], loss_kwargs: Mapping[str, Any]
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    buffers: Mapping[str, Tensor],
+    loss_kwargs: Mapping[str, Any],
+    fn: str,
 ) -> Callable[[Grads, Batch, Batch], Tensor]:
     def loss(params: Grads, x: Batch, y: Batch) -> Tensor:
         out = functional_forward(model, params, buffers, map_batch(x, lambda t: t.unsqueeze(0)))
-        return loss_fn(out, map_batch(y, lambda t: t.unsqueeze(0)), **loss_kwargs)
+        return check_scalar_loss(loss_fn(out, map_batch(y, lambda t: t.unsqueeze(0)), **loss_kwargs), fn)
 
     return loss
 
@@ -339,6 +354,7 @@ def _loop_grads(
             rows = slice(i, i + 1)
             with torch.enable_grad():
                 loss = loss_fn(call_model(model, rows_of(inputs, rows)), rows_of(targets, rows), **loss_kwargs)
+                check_scalar_loss(loss, fn)
                 grads = torch.autograd.grad(loss, [p for _, p in trainable], allow_unused=True)
             drew = randomness == "error" and start is not None and any(map(_differ, start, _rng_state(devices)))
             if drew:
@@ -375,7 +391,7 @@ def _per_chunk(
     backward per sample under ``method="loop"``, else ``vmap(grad)`` of the example loss."""
     if method == "loop":
         return _loop_grads(model, loss_fn, loss_kwargs, randomness, fn, progress, total)
-    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs)
+    loss = _example_loss(model, loss_fn, dict(model.named_buffers()), loss_kwargs, fn)
     per_example: Callable[[Grads, Batch, Batch], Grads] = per_sample_grad(loss, randomness=randomness)
     return per_example
 
@@ -402,7 +418,8 @@ def per_sample_grads(
         model: treats samples independently (BatchNorm in training mode is refused: use
             ``eval()`` or GroupNorm).
         loss_fn: any loss with the ``(output, target)`` call form: a funcloss loss, a
-            combination of them, or your own.
+            combination of them, or your own. It must return a scalar for one sample (an
+            unreduced ``reduction="none"`` loss is a ``RuntimeError``, whatever the method).
         inputs, targets: batches, dim 0 the sample. Several model inputs (ids and a mask, say)
             go as a tuple (``model(*inputs)``) or a mapping (``model(**inputs)``) of tensors,
             each sliced per sample alike; targets likewise (the loss then gets the tuple or

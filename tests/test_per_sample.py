@@ -825,6 +825,21 @@ def test_fastest_way_is_timed_once_per_problem(monkeypatch: pytest.MonkeyPatch) 
     assert ("other",) not in moments._fastest_choice
 
 
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
+@pytest.mark.parametrize("api", ["per_sample_grads", "grad_stats"])
+def test_an_unreduced_loss_is_refused_by_every_method(api: str, method: str) -> None:
+    """A loss that returns one value per element for a sample has no gradient to take: every
+    method says so (the per-layer path used to sum it silently, the others raised torch's own
+    errors)."""
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.randn(5, 3)
+    with pytest.raises(
+        RuntimeError,
+        match=rf"{api}\(\.\.\.\): expected loss_fn to return a scalar for one sample, got a tensor of shape \(1, 3\)",
+    ):
+        getattr(fl, api)(model, fl.mse_loss, x, y, method=method, reduction="none")
+
+
 def test_deterministic_mode_takes_the_fixed_convolution_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     """Under ``torch.use_deterministic_algorithms(True)`` no convolution way is timed: the fixed
     rule gives the same bits in every process."""
