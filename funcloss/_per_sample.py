@@ -521,6 +521,23 @@ class GradStats:
         and non-zero."""
         return {k: self.mean[k] ** 2 / self.variance[k] for k in self.mean}
 
+    @classmethod
+    def from_grads(cls, grads: Mapping[str, Tensor]) -> GradStats:
+        """The statistics of per-sample gradients already at hand, ``{name: (B, ...)}`` (what
+        `per_sample_grads` or a `per_sample_grad` transform returns), as `grad_stats` computes
+        them."""
+        if not grads:
+            raise ValueError("GradStats.from_grads(...): expected at least one parameter's gradients, got none.")
+        sizes = {k: g.size(0) if g.dim() else None for k, g in grads.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values() or 0 in sizes.values():
+            raise ValueError(
+                "GradStats.from_grads(...): expected per-sample gradients {name: (B, ...)} with one B >= 1 for "
+                f"every parameter, got leading sizes {sizes}."
+            )
+        running = _Running({k: g[0] for k, g in grads.items()})
+        running.add(dict(grads))
+        return running.result()
+
     @property
     def coherence(self) -> Tensor:
         """``||sum_i g_i||^2 / sum_i ||g_i||^2`` (m-coherence, Chatterjee 2020): ``count`` when

@@ -209,9 +209,16 @@ class SignReport:
         return "\n".join(lines)
 
 
-def sign_report(stats: GradStats) -> SignReport:
+def sign_report(stats: GradStats | Mapping[str, Tensor]) -> SignReport:
     """A per-layer table: fraction of positive/negative/zero mean-gradient elements, mean sign
-    agreement and median GSNR. ``print(sign_report(stats))`` shows it."""
+    agreement and median GSNR. ``print(sign_report(stats))`` shows it.
+
+    Args:
+        stats: a `GradStats`, or per-sample gradients ``{name: (B, ...)}`` (summarised by
+            `GradStats.from_grads`).
+    """
+    if not isinstance(stats, GradStats):
+        stats = GradStats.from_grads(stats)
     agreement = stats.sign_agreement
     gsnr = stats.gsnr
     rows = []

@@ -420,6 +420,45 @@ def test_sign_functions_accept_grad_stats() -> None:
     assert "0.weight" in report and "GSNR" in report
 
 
+def test_grad_stats_from_grads_at_hand_matches_the_definitions() -> None:
+    """`GradStats.from_grads` of per-sample gradients: each statistic against its definition
+    over the sample axis, and the same as `grad_stats` of the model."""
+    model, x, y = _setup("mlp")
+    g = _loop(model, fl.cross_entropy, x, y)
+    g["0.weight"][:3] = 0.0  # exact zeros, counted apart
+    s = fl.GradStats.from_grads(g)
+    assert s.count == x.size(0)
+    flat = torch.cat([v.reshape(v.size(0), -1) for v in g.values()], 1)
+    for name, v in g.items():
+        torch.testing.assert_close(s.mean[name], v.mean(0))
+        torch.testing.assert_close(s.variance[name], v.var(0, unbiased=True))
+        torch.testing.assert_close(s.sign_sum[name], v.sign().sum(0))
+        torch.testing.assert_close(s.zeros[name], (v == 0).sum(0).to(v.dtype))
+    torch.testing.assert_close(s.sq_norms, (flat**2).sum(1))
+    torch.testing.assert_close(s.sum_sq_norm, (flat.sum(0) ** 2).sum())
+    from_model = fl.grad_stats(model, fl.cross_entropy, x, y)
+    untouched = fl.GradStats.from_grads(_loop(model, fl.cross_entropy, x, y))
+    for name in g:
+        torch.testing.assert_close(untouched.variance[name], from_model.variance[name])
+    with pytest.raises(ValueError, match="one B >= 1"):
+        fl.GradStats.from_grads({"a": torch.zeros(3, 2), "b": torch.zeros(4)})
+    with pytest.raises(ValueError, match="got none"):
+        fl.GradStats.from_grads({})
+
+
+def test_sign_report_takes_per_sample_gradients_too() -> None:
+    """The report of per-sample gradients is the report of their statistics."""
+    model, x, y = _setup("mlp")
+    g = _loop(model, fl.cross_entropy, x, y)
+    from_grads = fl.sign_report(g).rows
+    from_stats = fl.sign_report(fl.grad_stats(model, fl.cross_entropy, x, y)).rows
+    assert [r["name"] for r in from_grads] == list(g)
+    for a, b in zip(from_grads, from_stats):
+        assert a["shape"] == b["shape"]
+        for key in ("positive", "negative", "zero", "agreement", "gsnr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["name"], key)
+
+
 def test_printed_tables_keep_long_names_whole_and_aligned() -> None:
     """Deep models have long parameter names (``encoder.layers.11.self_attn.out_proj.weight``)
     and shapes; the printed report and conflict table show them in full, columns aligned."""

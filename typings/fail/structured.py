@@ -34,4 +34,5 @@ fl.per_sample_grads(nn.Linear(5, 3), fl.cross_entropy, [logits], labels)  # type
 fl.grad_stats(nn.Linear(5, 3), fl.cross_entropy, {1: logits}, labels)  # type: ignore[dict-item]
 fl.grad_stats(nn.Linear(5, 3), fl.cross_entropy, logits, labels, method="loops")  # type: ignore[arg-type]
 fl.sign_agreement([logits])  # type: ignore[arg-type]
-fl.sign_report({"w": logits})  # type: ignore[arg-type]
+fl.sign_report([logits])  # type: ignore[arg-type]
+fl.GradStats.from_grads(logits)  # type: ignore[arg-type]

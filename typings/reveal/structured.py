@@ -41,6 +41,8 @@ assert_type(stats.gsnr, dict[str, Tensor])
 assert_type(fl.sign_agreement(stats), dict[str, Tensor])
 assert_type(fl.and_mask(stats, 0.5), dict[str, Tensor])
 assert_type(fl.sign_report(stats), fl.SignReport)
+assert_type(fl.sign_report({"w": logits}), fl.SignReport)
+assert_type(fl.GradStats.from_grads({"w": logits}), fl.GradStats)
 
 
 def first(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
