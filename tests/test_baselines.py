@@ -105,6 +105,9 @@ def test_no_constant_does_better(fn: Callable[..., Tensor], kind: str, kwargs: d
     target = _targets(kind, Sampler(0))
     base = fl.loss_baseline(fn, target, **kwargs)
     torch.testing.assert_close(base.value, _loss_at(fn, base.prediction, target, kwargs))
+    # "Lower" means lower by more than the rounding of a loss value in its dtype (a float32 loss
+    # evaluated at two nearby optima can differ in its last bit, depending on the CPU's kernels).
+    rounding = 4 * torch.finfo(base.value.dtype).eps * abs(float(base.value))
     gen = torch.Generator().manual_seed(1)
     for scale in (1.0, 0.1, 0.01):
         for _ in range(20):
@@ -113,14 +116,14 @@ def test_no_constant_does_better(fn: Callable[..., Tensor], kind: str, kwargs: d
                 nudged = nudged.clamp(1e-6, 1 - 1e-6)
             if fn is fl.poisson_nll_loss and not kwargs.get("log_input", True):
                 nudged = nudged.clamp_min(1e-3)
-            assert float(_loss_at(fn, nudged, target, kwargs)) >= float(base.value) - 1e-12
+            assert float(_loss_at(fn, nudged, target, kwargs)) >= float(base.value) - 1e-12 - rounding
     if smooth:
         # From a poor start (zeros, or 1/2 for probabilities), a quasi-Newton minimiser reaches
         # the same value and no lower.
         start = torch.zeros_like(base.prediction) + (0.5 if fn is fl.binary_cross_entropy else 0.0)
         found = _numerical_minimum(fn, start, target, kwargs)
         assert found == pytest.approx(float(base.value), rel=1e-6, abs=1e-9)
-        assert found >= float(base.value) - 1e-9
+        assert found >= float(base.value) - 1e-9 - rounding
 
 
 def test_mse_skill_is_the_coefficient_of_determination() -> None:

@@ -239,22 +239,13 @@ class _VmappedCTC(torch.autograd.Function):
         return (g, *none)
 
     @staticmethod
-    def vmap(
-        info: Any,
-        in_dims: tuple[int | None, ...],
-        log_probs: Tensor,
-        targets: Tensor,
-        in_len: Tensor,
-        tgt_len: Tensor,
-        blank: int,
-        reduction: Reduction,
-        zero_infinity: bool,
-    ) -> tuple[Tensor, int]:
+    def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[Tensor, int]:
         """Per example: ``(T, C)`` log-probs with a 1-D or ``(1, S)`` target and scalar (or
         one-element) lengths, or ``(T, N, C)`` with ``(N, S)`` padded or 1-D concatenated
         targets and ``(N,)`` lengths. The examples' sequences become one batch of ``B`` or
         ``B * N`` (concatenated targets stay in that order), whose unreduced losses are
         reduced per example."""
+        log_probs, targets, in_len, tgt_len, blank, reduction, zero_infinity = args  # as forward's
         b = info.batch_size
         lp, tg, il, tl = (
             a.movedim(d, 0) if d is not None else a.expand(b, *a.shape)
