@@ -168,12 +168,18 @@ def ratios(name: str, rounds: int, device: str = "cpu") -> dict[str, float]:
 
 # The method runs once on two samples first: its first call imports modules and initialises
 # torch.func lazily (30-70 MiB, depending on what was imported before), which is not memory the
-# method needs per call. The warm-up's own buffers are small and freed.
+# method needs per call. The warm-up's own buffers are small and freed. Before it, one 128 x 128
+# matmul: a process's first matmul large enough for the BLAS library's threaded path sets up
+# that library's buffers (about 3 MiB, once per process; the two-sample warm-up's matmuls are
+# too small to), which every method would otherwise count, or not, depending on what the
+# process imported before (Opacus's import does it).
 _MEMORY_SCRIPT = """
 import sys, warnings
 warnings.simplefilter("ignore")
+import torch
 from funcloss._bench.persample import _methods
 from funcloss._bench.rss import peak_extra_bytes
+torch.randn(128, 128) @ torch.randn(128, 128)  # the BLAS library's one-time setup (about 3 MiB)
 _methods(sys.argv[1], batch=2)[sys.argv[2]]()
 fn = _methods(sys.argv[1])[sys.argv[2]]
 print(peak_extra_bytes(fn))
