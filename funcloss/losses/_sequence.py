@@ -410,7 +410,24 @@ def _emissions(log_probs: Tensor, ext: Tensor) -> Tensor:
 def _ctc_forward(log_probs: Tensor, ext: Tensor, skip: Tensor, in_len: Tensor, tgt_len: Tensor) -> tuple[Tensor, ...]:
     """``(log-likelihoods (N,), padded state-major alphas (T, L + 2, N))``, without recording."""
     padded = _alphas_no_grad(_emissions(log_probs, ext), skip.t().contiguous())
-    return _finish(padded[:, 2:].transpose(1, 2), in_len, tgt_len), padded
+    return _finish_padded(padded, in_len, tgt_len), padded
+
+
+def _finish_padded(padded: Tensor, in_len: Tensor, tgt_len: Tensor) -> Tensor:
+    """`_finish` read straight off the padded state-major alphas ``(T, L + 2, N)``, unrecorded.
+
+    State ``s`` is row ``s + 2``, and rows 0 and 1 hold ~log(0): the last label's state
+    ``2 S_n`` and the blank after it, ``2 S_n - 1``, are rows ``2 S_n + 2`` and ``2 S_n + 1``,
+    and for an empty target the second is row 1, so it needs no mask. Both come out of one
+    index into the flat buffer."""
+    _, rows, batch = padded.shape
+    last_t = (in_len - 1).clamp_min(0)
+    at = (last_t * rows + 2 * tgt_len + 1) * batch + torch.arange(batch, device=padded.device)
+    before, end = padded.view(-1)[torch.stack([at, at + batch])]
+    ll = torch.logaddexp(end, before)
+    # No input at all: the empty target has probability 1, any other target 0.
+    empty = torch.where(tgt_len == 0, ll.new_zeros(()), ll.new_full((), _neg(ll.dtype)))
+    return torch.where(in_len > 0, ll, empty)
 
 
 def _ctc_forward_triton(
